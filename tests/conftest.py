@@ -1,0 +1,25 @@
+"""Shared test plumbing: import the stage files from the repo root, find ../shared."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `import tokenizer` etc. from any working directory
+
+# lessons.py renders each lesson into a temporary folder and points here with the env var.
+SHARED = Path(os.environ.get("INTRO2LLM_SHARED", ROOT.parent / "shared"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end checks (.ci/run still runs them)")
+
+
+@pytest.fixture
+def shared():
+    """The ../shared folder (real corpora, tiktoken's cache); skip when a clone lacks it."""
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"needs the course's shared data folder at {SHARED} (set INTRO2LLM_SHARED)")
+    return SHARED

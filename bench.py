@@ -85,7 +85,60 @@ def bench_tokenizer():
     row("pure-Python encode with cl100k ranks", f"{mb / seconds:.2f} MB/s")
 
 
-SECTIONS = {"tokenizer": bench_tokenizer}
+# -----------------------------------------------------------------------------
+# Model (lessons 02-05)
+
+
+def bench_model():
+    import torch
+
+    from model import CausalLM, preset
+
+    torch.set_num_threads(1)  # compared figures: one thread each (this machine throttles two)
+    print("model, CPU, 1 thread, fp32")
+    model = CausalLM(preset("tiny", block_size=512)).eval()
+    for prompt_len in (1, 256):  # 256 new tokens after an empty and after a full-block prompt
+        prompt = torch.zeros(1, prompt_len, dtype=torch.long)
+        run = lambda cache: model.generate(prompt, 256, temperature=0, use_cache=cache)
+        t_cache, t_none = alternate(lambda: run(True), lambda: run(False), repeats=3)
+        row(f"tiny: 256 new tokens after {prompt_len}, KV cache", f"{256 / t_cache:,.0f} tok/s")
+        row(f"tiny: 256 new tokens after {prompt_len}, no cache", f"{256 / t_none:,.0f} tok/s", "",
+            f"cache speed-up {t_none / t_cache:.1f}x")
+    for name, B, T in (("tiny", 8, 256), ("small", 4, 256)):
+        model = CausalLM(preset(name)).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        idx = torch.randint(0, model.cfg.vocab_size, (B, T + 1))
+
+        def step():
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()  # warm-up: allocations, first-call overheads
+        seconds, _ = timed(step, 3)
+        row(f"{name} ({model.num_params() / 1e6:.1f}M): train step {B}x{T}", f"{B * T / seconds:,.0f} tok/s")
+
+
+def bench_gpt2_step():
+    """One AdamW step of the GPT-2 124M shape at batch 4 x 256, in a child process so
+    that its peak memory (ru_maxrss) is its own."""
+    import resource
+    import subprocess
+
+    code = ("import time, torch; from model import CausalLM, preset\n"
+            "m = CausalLM(preset('gpt2')); opt = torch.optim.AdamW(m.parameters(), lr=1e-4)\n"
+            "idx = torch.randint(0, 50257, (4, 257)); t = time.time()\n"
+            "_, loss = m(idx[:, :-1], idx[:, 1:]); loss.backward(); opt.step()\n"
+            "print(f'{time.time() - t:.1f} {loss.item():.3f}')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).parent, check=True).stdout.split()
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
+    print("GPT-2 124M shape, CPU fp32, 2 threads")
+    row("train step 4x256 (fwd + bwd + AdamW)", f"{float(out[0]):.1f} s", "", f"peak RSS {peak:.1f} GiB, loss {out[1]}")
+
+
+SECTIONS = {"tokenizer": bench_tokenizer, "model": bench_model, "gpt2step": bench_gpt2_step}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Print the performance table.")

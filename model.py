@@ -55,6 +55,7 @@ class TokenEmbedding(nn.Embedding):
 # Positions: attention itself is blind to order, so we must tell it
 
 
+#> L02 positions exercise
 def sinusoidal_positions(T, C):
     """The fixed table of "Attention Is All You Need" (Vaswani et al. 2017), (T, C).
 
@@ -96,12 +97,14 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     rotated = torch.cat([-x2, x1], dim=-1)  # "rotate_half": multiply by i
     return (x * cos + rotated * sin).to(x.dtype)
+#< L02
 
 
 # -----------------------------------------------------------------------------
 # Causal scaled dot-product attention, written out and fused
 
 
+#> L02 attention-math exercise
 def causal_mask(Tq, Tk, device=None):
     """(Tq, Tk) bool, True where query i may look at key j.
 
@@ -126,6 +129,7 @@ def naive_attention(q, k, v, mask):
     att = att.masked_fill(~mask, float("-inf"))  # the future gets weight exp(-inf) = 0
     att = F.softmax(att.float(), dim=-1).to(q.dtype)  # each row sums to 1
     return att @ v  # (B, nh, Tq, hs): a weighted average of the values
+#< L02
 
 
 def sdpa_attention(q, k, v, dropout_p=0.0):
@@ -135,10 +139,12 @@ def sdpa_attention(q, k, v, dropout_p=0.0):
     enable_gqa lets a key/value head serve nh/nkv query heads without copying.
     """
     Tq, Tk = q.size(2), k.size(2)
-    if Tq == Tk:  # the common case: no mask tensor needed
+    if Tq == 1:  # one new token (cached decoding) is the last position: it sees every key
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=True)
+    if Tq == Tk:  # training, prefill: no mask tensor needed
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
                                               enable_gqa=True)
-    mask = causal_mask(Tq, Tk, q.device)  # decoding with a cache: bottom-right aligned
+    mask = causal_mask(Tq, Tk, q.device)  # several new tokens after a cache: bottom-right aligned
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           enable_gqa=True)
 
@@ -217,6 +223,7 @@ class ModelConfig:
 # Norms and the MLP
 
 
+#> L03 norms-and-mlp exercise
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * g   (Zhang & Sennrich 2019).
 
@@ -266,12 +273,14 @@ class MLP(nn.Module):
         else:
             h = F.gelu(self.up(x), approximate="tanh")
         return self.dropout(self.down(h))
+#< L03
 
 
 # -----------------------------------------------------------------------------
 # Attention as a module: projections, heads, GQA, QK-norm, and the cache
 
 
+#> L03 attention-and-block exercise
 class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
@@ -320,6 +329,7 @@ class Block(nn.Module):
     def forward(self, x, rope=None, kv_cache=None):
         x = x + self.attn(self.norm1(x), rope, kv_cache)  # tokens exchange information
         return x + self.mlp(self.norm2(x))  # each token thinks on its own
+#< L03
 
 
 # -----------------------------------------------------------------------------
@@ -361,15 +371,14 @@ class CausalLM(nn.Module):
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size}; "
                              "crop the input or use a model with a longer context")
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
         if self.cfg.pos_emb == "learned":
-            x = x + self.pos_emb(pos)  # (T, C) broadcasts over B
+            x = x + self.pos_emb.weight[start:start + T]  # rows of positions start..start+T-1: (T, C)
         elif self.cfg.pos_emb == "sinusoidal":
-            x = x + self.pos_table[pos].to(x.dtype)
+            x = x + self.pos_table[start:start + T].to(x.dtype)
         else:
-            rope = (self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype))  # (T, hs) each
+            rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, rope, kv_cache)
@@ -381,7 +390,7 @@ class CausalLM(nn.Module):
         return logits, loss
     #> L04 generate
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: less overhead per step
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                generator=None, use_cache=True):
         """Yield the next token, (B,) ids, one step at a time (chat.py prints as they come).
@@ -521,7 +530,7 @@ class CausalLM(nn.Module):
 #< L03
 
 
-#> L04 cache-and-sampling
+#> L04 cache-and-sampling exercise
 # -----------------------------------------------------------------------------
 # The KV cache and sampling
 
@@ -612,6 +621,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
+#> L05 safetensors exercise
 def read_safetensors(path):
     """{name: tensor} from one .safetensors file, with errors that say what is wrong."""
     with open(path, "rb") as f:
@@ -636,6 +646,7 @@ def read_safetensors(path):
             torch.empty(0, dtype=dtype)
         tensors[name] = flat.reshape(info["shape"])
     return tensors
+#< L05
 
 
 def read_safetensors_folder(path):

@@ -771,3 +771,105 @@ def hf_weight_map(cfg, kind):
     m.append(("model.norm.weight", ["norm_f.weight"], ""))
     return m if cfg.tie_embeddings else m + [("lm_head.weight", ["lm_head.weight"], "")]
 #< L05
+
+
+#> L06 plumbing
+# -----------------------------------------------------------------------------
+# Plumbing every stage shares: config files, device and precision, checkpoints
+
+
+def load_config(path, defaults, overrides=()):
+    """Read a `name = value` config file, then `--name=value` overrides, strictly.
+
+    The file is parsed as Python syntax but never executed: each line must
+    assign a literal (number, string, bool, None, list), read by
+    ast.literal_eval. Unknown names and wrong types are errors that list the
+    valid names. The effective config is printed.
+    """
+    import ast
+
+    cfg, valid = dict(defaults), ", ".join(sorted(defaults))
+
+    def put(name, value, where):
+        if name not in defaults:
+            raise ValueError(f"{where}: unknown config key {name!r}; valid keys: {valid}")
+        want = type(defaults[name])
+        if defaults[name] is not None and not isinstance(value, want) and not (want is float and type(value) is int):
+            raise ValueError(f"{where}: {name} must be {want.__name__}, got {value!r}")
+        cfg[name] = float(value) if want is float else value
+
+    if path:
+        source = Path(path).read_text(encoding="utf-8")
+        for node in ast.parse(source, str(path)).body:
+            where = f"{path}:{node.lineno}"
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name)):
+                raise ValueError(f"{where}: expected `name = value`, got {ast.get_source_segment(source, node)!r}")
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                raise ValueError(f"{where}: the value of {node.targets[0].id} must be a literal "
+                                 "(number, string, bool, None, list), not an expression") from None
+            put(node.targets[0].id, value, where)
+    for arg in overrides:
+        name, sep, text = arg.removeprefix("--").partition("=")
+        try:
+            value = ast.literal_eval(text) if sep else True  # a bare --resume means True
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: --dataset=shakespeare_char
+        put(name, value, f"override {arg}")
+    print("config: " + ", ".join(f"{k}={v!r}" for k, v in cfg.items()))
+    return cfg
+#< L06
+#> L08 plumbing
+
+
+def choose_device(requested="auto"):
+    """cuda > mps > cpu, and say why: the first line of every run's log."""
+    if requested != "auto":
+        return torch.device(requested), f"{requested} (asked for)"
+    if torch.cuda.is_available():
+        return torch.device("cuda"), f"cuda ({torch.cuda.get_device_name()})"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps"), "mps (Apple GPU)"
+    return torch.device("cpu"), f"cpu ({os.cpu_count()} cores, no GPU found)"
+
+
+def choose_dtype(device, requested="auto"):
+    """Mixed-precision choice: bf16 where the hardware computes it natively, fp16 (+ loss
+    scaling) on older GPUs, fp32 otherwise. Returns (dtype, reason)."""
+    if requested != "auto":
+        return getattr(torch, requested), f"{requested} (asked for)"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "bf16 autocast (GPU supports bf16)"
+        return torch.float16, "fp16 autocast + GradScaler (GPU lacks bf16)"
+    if device.type == "cpu":
+        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        if "avx512_bf16" in flags or "amx_bf16" in flags:
+            return torch.bfloat16, "bf16 autocast (CPU has avx512_bf16/AMX)"
+        return torch.float32, "fp32 (this CPU has no native bf16: emulated bf16 is slower)"
+    return torch.float32, "fp32"
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file, then an atomic rename: a crash mid-write leaves
+    the previous checkpoint intact, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load with weights_only=True: tensors and plain Python values only, so a
+    checkpoint from elsewhere cannot execute code when loaded."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one first (python pretrain.py "
+                                "config/tiny.py) or pass the right --out_dir")
+    return torch.load(path, map_location=map_location, weights_only=True)
+#< L08

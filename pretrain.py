@@ -1,12 +1,459 @@
+#> L06 data
 """
-pretrain.py -- the training loop arrives with lessons 06-08 (issue 5 of the tracker).
+pretrain.py -- train a language model from scratch on next-token prediction.
 
-Until then this file only says so, so that the README's first command fails with a
-clear message instead of "No such file".
+    python pretrain.py config/tiny.py                 # ~1M params, story world, minutes on a CPU
+    python pretrain.py config/tiny.py --max_iters=100 --batch_size=4   # any key can be overridden
+    python pretrain.py config/tiny.py --resume        # continue from out_dir/ckpt.pt
+    torchrun --nproc_per_node=8 pretrain.py config/gpt2.py   # data-parallel on 8 GPUs
+
+The chapter in three parts. Lesson 06: token files on disk, read as random
+windows. Lesson 07: the loss, two optimizers written out (AdamW, Lion) and the
+learning-rate schedule. Lesson 08: the loop -- gradient accumulation, mixed
+precision, torch.compile, DistributedDataParallel, logging, and checkpoints
+that resume bit for bit.
 """
 
+import json
+import math
+import os
+import subprocess
 import sys
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import PRESETS, CausalLM, ModelConfig, load_config
+from tokenizer import BPETokenizer, CharTokenizer
+
+#> L08 imports
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import choose_device, choose_dtype, load_checkpoint, save_checkpoint
+#< L08
+
+# -----------------------------------------------------------------------------
+# Config: every key a run can set, with its default. A config file or
+# --key=value overrides these; anything else is an error that lists them.
+
+DEFAULTS = dict(
+    dataset="storyworld",  # a folder under data/ made by data/prepare.py
+    data_dir="data",
+    out_dir="out/tiny",
+    model="tiny",  # a preset of model.py; the ModelConfig keys below override it
+    batch_size=8,  # sequences per micro-batch
+    seed=1337,
+    **{k: None for k in ModelConfig.__dataclass_fields__ if k != "vocab_size"},
+)
+#< L06
+#> L07 config
+DEFAULTS.update(
+    max_iters=2000,
+    optimizer="adamw",  # or "lion"
+    lr=1e-3,  # peak learning rate
+    min_lr=1e-4,  # cosine decays to this (~lr/10, Chinchilla)
+    warmup_iters=100,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,  # max global gradient norm; 0 disables
+)
+#< L07
+#> L08 config
+DEFAULTS.update(
+    grad_accum=1,  # micro-batches per optimizer step (per process)
+    device="auto",  # auto: cuda > mps > cpu
+    dtype="auto",  # auto: bf16 where native, fp16 on old GPUs, else fp32
+    compile=False,  # torch.compile the model (worth it on GPUs)
+    eval_interval=250,
+    eval_iters=20,
+    log_interval=25,
+    sample_tokens=120,  # length of the sample printed at each eval
+    peak_flops=0.0,  # hardware peak FLOP/s for MFU (e.g. 312e12 for an A100 in bf16); 0: skip
+    resume=False,
+    plot=False,
+)
+#< L08
+#> L06 data
+
+
+# -----------------------------------------------------------------------------
+# Data: token files on disk, read as random windows
+
+
+def ensure_data(cfg):
+    """The dataset folder, prepared by data/prepare.py on first use (a subprocess, so this
+    file imports nothing of the project but model and tokenizer)."""
+    folder = Path(cfg["data_dir"], cfg["dataset"])
+    if not (folder / "meta.json").exists():
+        print(f"{folder} is missing: preparing it with data/prepare.py (once)")
+        script = Path(__file__).resolve().parent / "data" / "prepare.py"
+        subprocess.run([sys.executable, str(script), cfg["dataset"], "--out", str(folder)], check=True)
+    return folder, json.loads((folder / "meta.json").read_text())
+
+
+def load_tokenizer(folder, meta):
+    kind = {"bpe": BPETokenizer, "char": CharTokenizer}[meta["tokenizer_kind"]]
+    return kind.load(folder / meta["tokenizer"])
+
+
+class Batches:
+    """Random (x, y) windows of a uint16 token file, y = x shifted by one.
+
+    np.memmap maps the file instead of reading it: the OS pages in only the
+    windows we touch, so a corpus larger than RAM works. Batch number i is a
+    pure function of (seed, i): resuming needs only the counter, and with
+    several processes each takes its own numbers, with no overlap.
+    """
+
+    def __init__(self, path, block_size, batch_size, seed, device="cpu"):
+        self.data = np.memmap(path, dtype=np.uint16, mode="r")
+        if len(self.data) < block_size + 1:
+            raise ValueError(f"{path} holds {len(self.data)} tokens, fewer than block_size + 1 = "
+                             f"{block_size + 1}; use a smaller block_size or more data")
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.device = torch.device(device)
+
+    def get(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        starts = rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)
+        window = np.stack([self.data[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
+        xy = torch.from_numpy(window)  # (B, T + 1)
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            xy = xy.pin_memory().to(self.device, non_blocking=True)
+        return xy[:, :-1], xy[:, 1:]  # x (B, T), y (B, T)
+#< L06
+#> L07 optim
+
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+def cross_entropy(logits, targets, ignore_index=-1):
+    """Mean negative log-likelihood of the targets, written out.
+
+    softmax turns logits z into probabilities p_i = e^{z_i} / sum_j e^{z_j}, so
+    -log p_target = logsumexp(z) - z_target. logsumexp subtracts max(z) first:
+    e^{z} of large logits would overflow. logits (N, V), targets (N,).
+    >>> cross_entropy(torch.zeros(1, 4), torch.tensor([2])).item() == math.log(4)
+    True
+    """
+    keep = targets != ignore_index
+    z, t = logits[keep].float(), targets[keep]
+    return (torch.logsumexp(z, dim=-1) - z.gather(-1, t[:, None]).squeeze(-1)).mean()
+
+
+# -----------------------------------------------------------------------------
+# Optimizers, written out
+
+
+def param_groups(model, weight_decay):
+    """Decay matrices (>= 2-D: Linear, Embedding weights), not biases or norm gains:
+    shrinking a gain or a bias towards 0 only fights what they are for."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay (Kingma & Ba 2015; Loshchilov & Hutter 2019).
+
+    Per parameter p with gradient g, at step t:
+        m = b1 m + (1 - b1) g            running mean of gradients
+        v = b2 v + (1 - b2) g^2          running mean of squared gradients
+        p = p - lr wd p                  decay, decoupled from the gradient
+        p = p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    The bias corrections undo the zero init of m and v. Each update is about
+    lr in size whatever the gradient's scale. The ops run over all tensors of
+    a group at once (torch._foreach_*): one kernel launch per op, not per tensor.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p] = {"step": torch.tensor(0.0), "m": torch.zeros_like(p),
+                                     "v": torch.zeros_like(p)}
+            (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
+            grads = [p.grad for p in params]
+            m = [self.state[p]["m"] for p in params]
+            v = [self.state[p]["v"] for p in params]
+            step = self.state[params[0]]["step"] + 1  # all tensors of a group step together
+            for p in params:
+                self.state[p]["step"] = step
+            t = step.item()
+            torch._foreach_lerp_(m, grads, 1 - b1)  # m + (1-b1)(g - m) = b1 m + (1-b1) g
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, math.sqrt(1 - b2 ** t))
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - b1 ** t))
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"):
+        u = sign(b1 m + (1 - b1) g)      every coordinate moves by exactly lr
+        p = p - lr (u + wd p)
+        m = b2 m + (1 - b2) g
+    One state tensor instead of Adam's two. The sign makes updates larger than
+    Adam's, so use a ~3-10x smaller lr and a larger weight decay.
+    """
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr = group["betas"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("m", torch.zeros_like(p))
+                update = (b1 * m + (1 - b1) * p.grad).sign_()
+                p.mul_(1 - lr * group["weight_decay"]).add_(update, alpha=-lr)
+                m.lerp_(p.grad, 1 - b2)
+
+
+def make_optimizer(model, cfg):
+    groups = param_groups(model, cfg["weight_decay"])
+    if cfg["optimizer"] == "lion":
+        return Lion(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
+    if cfg["optimizer"] == "adamw":
+        return AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
+    raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; choose adamw or lion")
+
+
+def get_lr(it, cfg):
+    """Linear warmup to lr, then cosine decay to min_lr at max_iters.
+
+    Warmup: Adam's early second-moment estimates are noisy, so large first
+    steps can diverge. Cosine: large steps while far from a minimum, small ones
+    at the end to settle into it.
+    """
+    if it < cfg["warmup_iters"]:
+        return cfg["lr"] * (it + 1) / cfg["warmup_iters"]
+    progress = min(1.0, (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"]))
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["lr"] - cfg["min_lr"])
+
+
+def clip_grad_norm(params, max_norm):
+    """Scale all gradients by min(1, max_norm / ||g||), ||g|| over all of them together;
+    returns ||g|| before clipping (logged: spikes warn of instability)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if max_norm > 0:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm
+#< L07
+#> L08 loop
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def build_model(cfg, meta):
+    """The preset, with every ModelConfig key the config sets, sized to the tokenizer."""
+    if cfg["model"] not in PRESETS:
+        raise ValueError(f"unknown model preset {cfg['model']!r}; choose one of {sorted(PRESETS)}")
+    chosen = {k: v for k, v in cfg.items() if k in ModelConfig.__dataclass_fields__ and v is not None}
+    return ModelConfig(**{**PRESETS[cfg["model"]], **chosen, "vocab_size": meta["vocab_size"]})
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, iters, autocast):
+    """Mean loss over the same `iters` batches every time, so evals compare."""
+    model.eval()
+    losses = []
+    for i in range(iters):
+        x, y = batches.get(i)
+        with autocast:
+            losses.append(model(x, y)[1].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(cfg):
+    """Run one training job; returns the final {"step", "train_loss", "val_loss"}."""
+    ddp = "RANK" in os.environ  # set by torchrun
+    if ddp:  # one process per device; gradients are averaged by all-reduce in backward()
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if backend == "nccl" else "cpu")
+        why = f"{device} (torchrun rank {rank} of {world}, {backend})"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device, why = choose_device(cfg["device"])
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    dtype, dtype_why = choose_dtype(device, cfg["dtype"])
+    log(f"device: {why}; precision: {dtype_why}")
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    folder, meta = ensure_data(cfg)
+    mcfg = build_model(cfg, meta)
+    torch.manual_seed(cfg["seed"])  # the same init on every rank
+    model = CausalLM(mcfg).to(device)
+    optimizer = make_optimizer(model, cfg)
+    out = Path(cfg["out_dir"])
+    ckpt_path, step = out / "ckpt.pt", 0
+    if cfg["resume"]:
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"])  # dropout masks continue as if never stopped
+        log(f"resumed from {ckpt_path} at step {step}")
+    raw = model  # checkpoints store the plain module, not the compiled or DDP wrapper
+    if cfg["compile"]:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[device] if device.type == "cuda" else None)
+    train_batches = Batches(folder / "train.bin", mcfg.block_size, cfg["batch_size"], cfg["seed"], device)
+    val_batches = Batches(folder / "val.bin", mcfg.block_size, cfg["batch_size"], cfg["seed"] + 1, device)
+    tokens_per_step = cfg["batch_size"] * mcfg.block_size * cfg["grad_accum"] * world
+    log(f"model: {raw.num_params():,} parameters; {tokens_per_step:,} tokens per step; "
+        f"{meta['train_tokens']:,} training tokens")
+
+    def checkpoint():
+        if master:
+            save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "step": step, "rng": torch.get_rng_state(), "config": cfg,
+                                        "model_config": mcfg.__dict__, "data": str(folder)})
+
+    out.mkdir(parents=True, exist_ok=True)
+    logfile = open(out / "log.jsonl", "a") if master else None
+    tok = load_tokenizer(folder, meta)
+    history, t0, t_start, step0 = {}, time.time(), time.time(), step
+    try:
+        while step < cfg["max_iters"]:
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(cfg["grad_accum"]):
+                x, y = train_batches.get((step * world + rank) * cfg["grad_accum"] + micro)
+                last = micro == cfg["grad_accum"] - 1  # DDP: all-reduce only on the last micro-batch
+                with model.no_sync() if ddp and not last else nullcontext(), autocast:
+                    _, loss = model(x, y)
+                    scaler.scale(loss / cfg["grad_accum"]).backward()  # accumulate the mean
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}: training diverged. "
+                                         f"The last good checkpoint stays at {ckpt_path}; try a lower lr")
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            norm = clip_grad_norm(raw.parameters(), cfg["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
+                dt = (time.time() - t0) / cfg["log_interval"]
+                t0 = time.time()
+                rate = tokens_per_step / dt
+                eta = (cfg["max_iters"] - step) * (time.time() - t_start) / (step - step0)
+                mfu = f" mfu {raw.mfu(rate, cfg['peak_flops']):.1%}" if cfg["peak_flops"] else ""
+                log(f"step {step}/{cfg['max_iters']}  loss {loss.item():.4f}  lr {lr:.2e}  "
+                    f"grad norm {norm.item():.2f}  {dt * 1000:.0f} ms/step  {rate:,.0f} tok/s{mfu}  "
+                    f"ETA {eta / 60:.1f} min")
+                history = {"step": step, "tokens": step * tokens_per_step, "train_loss": loss.item(),
+                           "lr": lr, "grad_norm": norm.item(), "ms_per_step": dt * 1000, "tok_per_s": rate}
+            if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
+                history = {**history, "step": step, "tokens": step * tokens_per_step,
+                           "val_loss": estimate_loss(raw, val_batches, cfg["eval_iters"], autocast)}
+                if master:
+                    prompt = torch.tensor([tok.encode("Once" if meta["tokenizer_kind"] == "bpe" else "\n")],
+                                          device=device)
+                    gen = torch.Generator(device).manual_seed(cfg["seed"])
+                    sample = raw.generate(prompt, cfg["sample_tokens"], temperature=0.8, top_k=50,
+                                          eos_id=meta.get("eot_id"), generator=gen)
+                    log(f"step {step}: val loss {history['val_loss']:.4f}\n--- sample ---\n"
+                        f"{tok.decode(sample[0].tolist())}\n--------------")
+                    raw.train()
+                checkpoint()
+            if master and history.get("step") == step:
+                logfile.write(json.dumps(history) + "\n")
+                logfile.flush()
+    except KeyboardInterrupt:  # Ctrl-C: keep what was learned, exit cleanly
+        log(f"\ninterrupted at step {step}: saving {ckpt_path}")
+        checkpoint()
+    finally:
+        if logfile:
+            logfile.close()
+    if master and (cfg["plot"] or step == cfg["max_iters"]):
+        plot(out)
+    return {"step": step, "train_loss": history.get("train_loss"), "val_loss": history.get("val_loss")}
+
+
+def plot(out):
+    """log.jsonl -> loss.png: train and val loss against tokens seen."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no window: write a file
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: pip install matplotlib to get loss.png")
+        return
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("train_loss", "val_loss"):
+        pts = [(r["tokens"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key.replace("_", " "), marker="." if key == "val_loss" else None)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(out / "loss.png", dpi=120, bbox_inches="tight")
+    print(f"wrote {out / 'loss.png'}")
+
+
+def main(argv):
+    if not argv or argv[0].startswith("--"):
+        sys.exit("usage: python pretrain.py config/FILE.py [--key=value ...]")
+    cfg = load_config(argv[0], DEFAULTS, argv[1:])
+    try:
+        result = train(cfg)
+    except BaseException:
+        if dist.is_initialized():
+            traceback.print_exc()
+            shutdown(1)
+        raise
+    print(f"done: step {result['step']}, val loss {result['val_loss']}")
+    if dist.is_initialized():
+        shutdown(0)
+
+
+def shutdown(code):
+    """Leave a torchrun process. subtle: with torch 2.13 on CPU, gloo sometimes aborts
+    (SIGABRT in a destructor at interpreter exit) after a run that finished correctly.
+    An orderly teardown, flushed output, then os._exit skips those destructors."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
 
 if __name__ == "__main__":
-    sys.exit("pretrain.py is not written yet: it arrives with lessons 06-08. "
-             "Meanwhile try `python tokenizer.py --help` and `python -m pytest -q`.")
+    main(sys.argv[1:])
+#< L08

@@ -1,0 +1,230 @@
+#> L06 storyworld
+"""
+storyworld.py -- the built-in corpus: short children's stories from a seed.
+
+Why synthetic? A 1M-parameter model on a laptop CPU cannot learn Wikipedia in
+minutes, but it can learn a small world with consistent rules: characters,
+places, objects with colours and sizes, and simple events (find, lose, give,
+go, feel, help). Because we generate each story we also know its facts, so the
+same world yields tasks with exact answers for later lessons:
+
+    story_questions(story)  -> [(question, answer)]     SFT, eval (lesson 09-10)
+    multiple_choice(story)  -> [(question, options, k)] eval by log-likelihood
+    arithmetic(rng)         -> (question, answer)       GRPO / PPO rewards
+    preference_pairs(story) -> [(prompt, chosen, rejected)]   DPO, reward model
+
+Everything is a pure function of the seed: story i of seed s is always the
+same, so a train/val split by story index measures generalisation to new
+combinations of the same rules.
+
+    python data/storyworld.py --stories 3          # print a few, with questions
+"""
+
+import argparse
+import math
+import random
+from dataclasses import dataclass, field
+
+# The world's vocabulary. Names are gendered only through the pronoun table.
+NAMES = {
+    "she": ["Lily", "Mia", "Anna", "Sara", "Emma", "Zoe", "Lucy", "Nora", "Ella", "Ruby", "Ivy",
+            "Maya", "Rosa", "Kim", "Amy", "Jade", "Luna", "Hana", "Tess", "Olga"],
+    "he": ["Tom", "Max", "Ben", "Sam", "Leo", "Jack", "Finn", "Omar", "Noah", "Theo", "Hugo",
+           "Eli", "Ravi", "Kai", "Jon", "Ivan", "Luca", "Pablo", "Ned", "Otto"],
+}
+KINDS = ["girl", "boy", "rabbit", "fox", "bear", "cat", "dog", "duck", "mouse", "owl", "frog",
+         "turtle", "squirrel", "pig", "lamb", "robot"]
+PLACES = ["the park", "the forest", "the garden", "the beach", "the river", "the farm",
+          "the hill", "the town", "the school", "the kitchen", "the library", "the market",
+          "the lake", "the cave", "the meadow", "the playground"]
+OBJECTS = ["ball", "kite", "hat", "book", "cup", "box", "shell", "key", "drum", "boat", "bell",
+           "scarf", "apple", "stone", "feather", "spoon", "map", "lamp"]
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "white", "black", "brown"]
+SIZES = ["small", "big", "tiny", "huge", "little", "long"]
+FEELINGS = {"good": ["happy", "glad", "proud", "excited", "calm"],
+            "bad": ["sad", "scared", "worried", "tired", "angry"]}
+WEATHER = ["sunny", "rainy", "windy", "cold", "warm", "cloudy"]
+TIMES = ["One day", "One morning", "One evening", "Last summer", "On a {w} day", "Early one morning"]
+PRONOUNS = {"she": ("she", "her", "her"), "he": ("he", "him", "his")}
+
+
+@dataclass
+class Character:
+    name: str
+    kind: str
+    gender: str
+
+    @property
+    def they(self):
+        return PRONOUNS[self.gender][0]
+
+    @property
+    def their(self):
+        return PRONOUNS[self.gender][2]
+
+
+@dataclass
+class Story:
+    text: str
+    facts: dict = field(default_factory=dict)  # what questions can ask, with exact answers
+
+
+# -----------------------------------------------------------------------------
+# One story, with its state tracked as it is told
+
+
+def make_character(rng, taken=()):
+    gender = rng.choice(["she", "he"])
+    name = rng.choice([n for n in NAMES[gender] if n not in taken])
+    kind = rng.choice([k for k in KINDS if (gender, k) not in (("she", "boy"), ("he", "girl"))])
+    return Character(name, kind, gender)
+
+
+def generate_story(rng):
+    """One story from a random.Random. The facts record the state each event changes:
+    where the object was found, who holds it at the end, how each character felt."""
+    hero = make_character(rng)
+    friend = make_character(rng, taken={hero.name})
+    home, place, end_place = rng.sample(PLACES, 3)
+    size, colour, obj = rng.choice(SIZES), rng.choice(COLOURS), rng.choice(OBJECTS)
+    thing = f"{size} {colour} {obj}"
+    when = rng.choice(TIMES).format(w=rng.choice(WEATHER))
+    glad, sad = rng.choice(FEELINGS["good"]), rng.choice(FEELINGS["bad"])
+    lost = rng.choice([o for o in OBJECTS if o != obj])
+    s = []
+    s.append(rng.choice([
+        f"Once upon a time, there was a {hero.kind} named {hero.name}.",
+        f"There was once a {hero.kind} called {hero.name}.",
+        f"{hero.name} was a {hero.kind} who lived near {home}.",
+    ]))
+    s.append(rng.choice([
+        f"{when}, {hero.name} went to {place}.",
+        f"{when}, {hero.name} walked to {place} to play.",
+        f"{when}, {hero.name} wanted to visit {place}.",
+    ]))
+    s.append(rng.choice([
+        f"At {place}, {hero.they} found a {thing}.",
+        f"There, {hero.name} saw a {thing} on the ground and picked it up.",
+        f"Under a tree at {place}, {hero.name} found a {thing}.",
+    ]))
+    s.append(f"{hero.name} felt {glad}.")
+    s.append(rng.choice([
+        f"Then {hero.name} met a {friend.kind} named {friend.name}.",
+        f"Soon a {friend.kind} called {friend.name} came by.",
+    ]))
+    s.append(rng.choice([
+        f"{friend.name} was {sad} because {friend.they} had lost {friend.their} {lost}.",
+        f"{friend.name} looked {sad}. \"I lost my {lost},\" {friend.they} said.",
+    ]))
+    gives = rng.random() < 0.5  # the branch decides who holds the object at the end
+    if gives:
+        s.append(rng.choice([
+            f"{hero.name} wanted to help, so {hero.they} gave the {colour} {obj} to {friend.name}.",
+            f"\"You can have my {obj},\" said {hero.name}, and {hero.they} gave it to {friend.name}.",
+        ]))
+        s.append(f"{friend.name} said, \"Thank you, {hero.name}!\"")
+        owner, friend_feels = friend, rng.choice(FEELINGS["good"])
+    else:
+        s.append(rng.choice([
+            f"{hero.name} helped {friend.name} look for the {lost}.",
+            f"\"I will help you,\" said {hero.name}. They looked for the {lost} together.",
+        ]))
+        s.append(f"They found the {lost} near {rng.choice(['a big rock', 'the old tree', 'a bush', 'the water'])}.")
+        owner, friend_feels = hero, rng.choice(FEELINGS["good"])
+    s.append(f"{friend.name} felt {friend_feels}.")
+    s.append(rng.choice([
+        f"Together they went to {end_place}.",
+        f"Then the two friends went to {end_place} to play.",
+    ]))
+    s.append(rng.choice([
+        f"In the end, {owner.name} had the {colour} {obj}, and everyone was {glad}.",
+        f"At the end of the day, the {colour} {obj} was with {owner.name}.",
+    ]))
+    facts = {"hero": hero.name, "hero_kind": hero.kind, "friend": friend.name,
+             "friend_kind": friend.kind, "found_at": place, "end_place": end_place,
+             "object": obj, "colour": colour, "size": size, "lost": lost, "owner": owner.name,
+             "hero_felt": glad, "friend_felt_first": sad, "gave": gives}
+    return Story(" ".join(s), facts)
+
+
+def count_stories():
+    """log10 of how many distinct stories the generator can tell: the product of the
+    independent choices along one path (characters, places, the object, time, feelings,
+    the lost thing, the branch, and 3 or 2 template variants for 10 sentences)."""
+    names, kinds = len(NAMES["she"]) + len(NAMES["he"]), len(KINDS) - 1
+    count = (names * (names - 1) * kinds ** 2 * len(PLACES) * (len(PLACES) - 1) * (len(PLACES) - 2)
+             * len(OBJECTS) * len(COLOURS) * len(SIZES) * (len(TIMES) - 1 + len(WEATHER))
+             * len(FEELINGS["good"]) ** 2 * len(FEELINGS["bad"]) * (len(OBJECTS) - 1) * 2
+             * 3 ** 3 * 2 ** 7)
+    return math.log10(count)
+
+
+def stories(seed, start, count):
+    """Stories start..start+count-1 of a seed; story i depends only on (seed, i)."""
+    for i in range(start, start + count):
+        yield generate_story(random.Random(f"{seed}-{i}"))
+
+
+# -----------------------------------------------------------------------------
+# Tasks with exact answers, for evaluation and the later stages
+
+
+def story_questions(story):
+    f = story.facts
+    return [
+        (f"Where did {f['hero']} find the {f['object']}?", f["found_at"]),
+        (f"What colour was the {f['object']}?", f["colour"]),
+        (f"Who had the {f['object']} at the end?", f["owner"]),
+        (f"What did {f['friend']} lose?", f"the {f['lost']}"),
+        (f"What kind of animal or person was {f['friend']}?", f"a {f['friend_kind']}"),
+        (f"How did {f['hero']} feel after finding the {f['object']}?", f["hero_felt"]),
+    ]
+
+
+def multiple_choice(story, rng):
+    """Four options per question, one right, distractors of the same type."""
+    f = story.facts
+    pools = {"found_at": PLACES, "colour": COLOURS, "owner": [f["hero"], f["friend"]],
+             "lost": OBJECTS}
+    items = []
+    for (question, answer), key in zip(story_questions(story)[:4], ["found_at", "colour", "owner", "lost"]):
+        right = answer.removeprefix("the ")
+        wrong = [o for o in pools[key] if o != right]
+        options = rng.sample(wrong, min(3, len(wrong))) + [right]
+        if key == "owner":  # only two people in the story: add two outsiders
+            options += rng.sample([n for n in NAMES["she"] + NAMES["he"] if n not in options], 2)
+        rng.shuffle(options)
+        items.append((question, options, options.index(right)))
+    return items
+
+
+def arithmetic(rng, digits=2):
+    """A sum, difference or product with a verifiable integer answer."""
+    a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
+    op = rng.choice("+-*")
+    return f"What is {a} {op} {b}?", str({"+": a + b, "-": a - b, "*": a * b}[op])
+
+
+def preference_pairs(story, rng):
+    """(prompt, chosen, rejected): the right answer versus a plausible wrong one."""
+    pairs = []
+    for question, answer in story_questions(story):
+        for pool in (PLACES, COLOURS, [story.facts["hero"], story.facts["friend"]],
+                     [f"the {o}" for o in OBJECTS], [f"a {k}" for k in KINDS],
+                     FEELINGS["good"] + FEELINGS["bad"]):
+            if answer in pool:
+                wrong = rng.choice([p for p in pool if p != answer])
+                pairs.append((f"{story.text}\nQuestion: {question}\nAnswer:", f" {answer}", f" {wrong}"))
+                break
+    return pairs
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Print stories of the built-in world.")
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--stories", type=int, default=3)
+    args = ap.parse_args()
+    for story in stories(args.seed, 0, args.stories):
+        print(story.text, "\n")
+    print(f"this world can tell about 10^{count_stories():.0f} distinct stories")
+#< L06

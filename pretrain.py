@@ -351,12 +351,17 @@ def train(cfg):
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            loss = torch.zeros((), device=device)  # this step's mean loss over all micro-batches
             for micro in range(cfg["grad_accum"]):
                 x, y = train_batches.get((step * world + rank) * cfg["grad_accum"] + micro)
                 last = micro == cfg["grad_accum"] - 1  # DDP: all-reduce only on the last micro-batch
                 with model.no_sync() if ddp and not last else nullcontext(), autocast:
-                    _, loss = model(x, y)
-                    scaler.scale(loss / cfg["grad_accum"]).backward()  # accumulate the mean
+                    _, micro_loss = model(x, y)
+                    scaler.scale(micro_loss / cfg["grad_accum"]).backward()  # accumulate the mean
+                loss += micro_loss.detach() / cfg["grad_accum"]
+            if ddp:  # the loss of the whole step, not just this rank's share (for logs)
+                dist.all_reduce(loss)  # a sum (gloo has no AVG): divide by the process count
+                loss /= world
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}: training diverged. "
                                          f"The last good checkpoint stays at {ckpt_path}; try a lower lr")

@@ -8,6 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `import tokenizer` etc. from any working directory
+sys.path.insert(0, str(ROOT / "data"))  # `import storyworld, prepare`
 
 # lessons.py renders each lesson into a temporary folder and points here with the env var.
 SHARED = Path(os.environ.get("INTRO2LLM_SHARED", ROOT.parent / "shared"))

@@ -138,7 +138,47 @@ def bench_gpt2_step():
     row("train step 4x256 (fwd + bwd + AdamW)", f"{float(out[0]):.1f} s", "", f"peak RSS {peak:.1f} GiB, loss {out[1]}")
 
 
-SECTIONS = {"tokenizer": bench_tokenizer, "model": bench_model, "gpt2step": bench_gpt2_step}
+# -----------------------------------------------------------------------------
+# Training throughput (lessons 06-08)
+
+
+def bench_train():
+    """config/shakespeare_char.py's shape (4 x 128, context 64, batch 12, vocab 65): our
+    block (RoPE, RMSNorm, SwiGLU) against GPT-2's (learned positions, LayerNorm, GELU,
+    biases) in the same run, one thread each, alternating; a full optimizer step each."""
+    import torch
+
+    from model import CausalLM, ModelConfig
+    from pretrain import AdamW, clip_grad_norm, param_groups
+
+    torch.set_num_threads(1)
+    print("training step, shakespeare_char shape, CPU, 1 thread, fp32")
+    steps = {}
+    for name, style in (("ours", {}), ("gpt2-style", dict(pos_emb="learned", norm="layernorm",
+                                                           mlp="gelu", bias=True))):
+        torch.manual_seed(0)
+        model = CausalLM(ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, **style))
+        opt = AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
+        x, y = torch.randint(0, 65, (2, 12, 64))
+
+        def step(model=model, opt=opt, x=x, y=y):
+            _, loss = model(x, y)
+            loss.backward()
+            clip_grad_norm(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()
+        steps[name] = (step, model.num_params())
+    t_ours, t_gpt2 = alternate(lambda: [steps["ours"][0]() for _ in range(10)],
+                               lambda: [steps["gpt2-style"][0]() for _ in range(10)])
+    for name, t in (("ours", t_ours), ("gpt2-style", t_gpt2)):
+        row(f"{name} ({steps[name][1] / 1e6:.2f}M params)", f"{t * 100:.0f} ms/step",
+            "57 ms/step (nanoGPT ref)", f"{768 * 10 / t:,.0f} tok/s")
+
+
+SECTIONS = {"tokenizer": bench_tokenizer, "model": bench_model, "gpt2step": bench_gpt2_step,
+            "train": bench_train}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Print the performance table.")

@@ -135,6 +135,7 @@ class Batches:
 # The loss
 
 
+#> L07 loss exercise
 def cross_entropy(logits, targets, ignore_index=-1):
     """Mean negative log-likelihood of the targets, written out.
 
@@ -147,6 +148,7 @@ def cross_entropy(logits, targets, ignore_index=-1):
     keep = targets != ignore_index
     z, t = logits[keep].float(), targets[keep]
     return (torch.logsumexp(z, dim=-1) - z.gather(-1, t[:, None]).squeeze(-1)).mean()
+#< L07
 
 
 # -----------------------------------------------------------------------------
@@ -177,6 +179,7 @@ class AdamW(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
+    #> L07 adamw-step exercise
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
@@ -204,7 +207,7 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_div_(denom, math.sqrt(1 - b2 ** t))
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - b1 ** t))
-
+    #< L07
 
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"):
@@ -218,6 +221,7 @@ class Lion(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
 
+    #> L07 lion-step exercise
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
@@ -229,7 +233,7 @@ class Lion(torch.optim.Optimizer):
                 update = (b1 * m + (1 - b1) * p.grad).sign_()
                 p.mul_(1 - lr * group["weight_decay"]).add_(update, alpha=-lr)
                 m.lerp_(p.grad, 1 - b2)
-
+    #< L07
 
 def make_optimizer(model, cfg):
     groups = param_groups(model, cfg["weight_decay"])
@@ -240,6 +244,7 @@ def make_optimizer(model, cfg):
     raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; choose adamw or lion")
 
 
+#> L07 schedule exercise
 def get_lr(it, cfg):
     """Linear warmup to lr, then cosine decay to min_lr at max_iters.
 
@@ -261,6 +266,7 @@ def clip_grad_norm(params, max_norm):
     if max_norm > 0:
         torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return norm
+#< L07
 #< L07
 #> L08 loop
 

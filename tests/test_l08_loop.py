@@ -108,8 +108,9 @@ def cli_args(data_dir, out, *extra):
 
 
 def wait_for(path, timeout=60):
+    """Until `path` exists and is not empty (log.jsonl is created before step 1 ends)."""
     t0 = time.time()
-    while not Path(path).exists():
+    while not (Path(path).exists() and Path(path).stat().st_size > 0):
         assert time.time() - t0 < timeout, f"{path} never appeared"
         time.sleep(0.1)
 

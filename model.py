@@ -527,6 +527,19 @@ class CausalLM(nn.Module):
         write_safetensors(Path(path) / "model.safetensors", tensors)
         (Path(path) / "config.json").write_text(json.dumps(hf, indent=2))
     #< L05
+    #> L09 from-checkpoint
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        """(model, checkpoint dict) from a pretrain.py run folder or ckpt.pt file."""
+        path = Path(path)
+        ckpt = load_checkpoint(path / "ckpt.pt" if path.is_dir() else path, map_location=device)
+        if "model_config" not in ckpt or "model" not in ckpt:
+            raise ValueError(f"{path} is not a checkpoint written by pretrain.py or sft.py")
+        model = cls(ModelConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        return model.to(device).eval(), ckpt
+    #< L09
 #< L03
 
 

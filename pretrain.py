@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from model import PRESETS, CausalLM, ModelConfig, load_config
-from tokenizer import BPETokenizer, CharTokenizer
+from tokenizer import load_tokenizer
 
 #> L08 imports
 import torch.distributed as dist
@@ -95,11 +95,6 @@ def ensure_data(cfg):
         script = Path(__file__).resolve().parent / "data" / "prepare.py"
         subprocess.run([sys.executable, str(script), cfg["dataset"], "--out", str(folder)], check=True)
     return folder, json.loads((folder / "meta.json").read_text())
-
-
-def load_tokenizer(folder, meta):
-    kind = {"bpe": BPETokenizer, "char": CharTokenizer}[meta["tokenizer_kind"]]
-    return kind.load(folder / meta["tokenizer"])
 
 
 class Batches:
@@ -346,11 +341,12 @@ def train(cfg):
         if master:
             save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                                         "step": step, "rng": torch.get_rng_state(), "config": cfg,
-                                        "model_config": mcfg.__dict__, "data": str(folder)})
+                                        "model_config": mcfg.__dict__, "data": str(folder),
+                                        "tokenizer": str((folder / meta["tokenizer"]).resolve())})
 
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "log.jsonl", "a") if master else None
-    tok = load_tokenizer(folder, meta)
+    tok = load_tokenizer(folder / meta["tokenizer"])
     history, t0, t_start, step0 = {}, time.time(), time.time(), step
     try:
         while step < cfg["max_iters"]:

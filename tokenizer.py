@@ -95,8 +95,9 @@ def _read_json(path, kind):
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read tokenizer file {path}: {e}; "
                          "retrain it with `python tokenizer.py train`") from None
-    if not isinstance(data, dict) or data.get("format") != kind:
-        raise ValueError(f"{path} is not a {kind} tokenizer file")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if not isinstance(data, dict) or data.get("format") not in kinds:
+        raise ValueError(f"{path} is not a {' or '.join(kinds)} tokenizer file")
     if data.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} has format version {data.get('version')}, this code reads "
                          f"version {FORMAT_VERSION}; retrain it with `python tokenizer.py train`")
@@ -472,6 +473,14 @@ def _bpe_parts(token, ranks, max_rank):
     if len(parts) != 2:
         raise ValueError(f"token {token!r} is not one merge of two earlier tokens")
     return parts
+
+
+#> L06 load-any
+def load_tokenizer(path):
+    """Load a saved CharTokenizer or BPETokenizer, whichever the file holds."""
+    kind = _read_json(path, ("intro2llm-char", "intro2llm-bpe"))["format"]
+    return (CharTokenizer if kind == "intro2llm-char" else BPETokenizer).load(path)
+#< L06
 
 
 # -----------------------------------------------------------------------------

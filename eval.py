@@ -149,20 +149,32 @@ def read_mmlu(path, dev=None, shots=0):
     return [(prefix + fmt(q, opts), [f" {o}" for o in opts], a) for q, opts, a in rows(path)]
 
 
-def story_cloze_items(n=200, seed=1337, first=20000):
-    """Multiple choice from held-out stories, as text the base model knows how to read:
-    the story up to its last sentence's colour, which four colours could complete.
-    Right means the model recalled the colour it read ~100 tokens earlier."""
+def story_cloze_items(kind, n=200, seed=1337, first=20000):
+    """Multiple choice from held-out stories, as text a base model knows how to read.
+
+    kind "colour": the story up to its final mention of the object's colour, and
+    four colours to complete it: right means the model recalled a word it read
+    ~100 tokens earlier (copying, which small models learn late).
+    kind "pronoun": the story up to the friend's pronoun ("...because" / "I lost
+    my key,"), options " he" / " she": right means it tracked the character.
+    """
     import storyworld
 
     rng = random.Random(seed)
     items = []
     for story in storyworld.stories(seed, first, n):
-        colour = story.facts["colour"]
-        cut = story.text.rindex(f" {colour} ")  # the last mention, in the final sentence
-        options = rng.sample([c for c in storyworld.COLOURS if c != colour], 3) + [colour]
+        f, text = story.facts, story.text
+        if kind == "colour":
+            right, wrong = f["colour"], [c for c in storyworld.COLOURS if c != f["colour"]]
+            cut = text.rindex(f" {right} ")  # the last mention, in the final sentence
+            options = rng.sample(wrong, 3) + [right]
+        else:
+            right = f["friend_they"]
+            cues = [f"{f['friend_feels_bad']} because", f"my {f['lost']},\""]
+            cut = max(text.find(c) + len(c) for c in cues)
+            options = ["he", "she"]
         rng.shuffle(options)
-        items.append((story.text[:cut], [f" {c}" for c in options], options.index(colour)))
+        items.append((text[:cut], [f" {o}" for o in options], options.index(right)))
     return items
 #< L09
 #> L09 passk
@@ -395,8 +407,11 @@ def main(argv=None):
                 ids = np.memmap(args.file or Path(ckpt["data"], "val.bin"), dtype=np.uint16, mode="r")
             result = perplexity(model, ids, args.stride, tok)
         elif task == "mc":
-            items = read_mmlu(args.file, args.dev, args.shots) if args.file else story_cloze_items(args.limit)
-            result = multiple_choice(model, tok, items)
+            if args.file:
+                result = multiple_choice(model, tok, read_mmlu(args.file, args.dev, args.shots))
+            else:  # the story world: one score per kind of question
+                result = {f"{kind}_{k}": v for kind in ("colour", "pronoun") for k, v in
+                          multiple_choice(model, tok, story_cloze_items(kind, args.limit)).items()}
         elif task in ("passk", "humaneval"):
             if task == "humaneval":
                 try:

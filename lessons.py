@@ -352,10 +352,15 @@ def test(repo, numbers, worktree, exercise, slow):
     shared = os.environ.get("INTRO2LLM_SHARED", str(Path(repo).resolve().parent / "shared"))
     ok = True
     print(f"{'lesson':<12}{'result':<10}{'passed':>7}{'failed':>7}{'skipped':>8}{'seconds':>9}")
+    passed_code = None  # the code (all but Markdown) of the last lesson that passed here
     for n in numbers or sorted(known):
         snap = render_tree(files, n, known, exercise)
         if exercise and snap == render_tree(files, n, known):
             print(f"lesson{n:02d}-ex  (this lesson has no exercise block)")
+            continue
+        code = {p: f for p, f in snap.items() if not p.endswith(".md")}
+        if code == passed_code:  # only the course text changed: the same tests would run
+            print(f"lesson{n:02d}{'-ex' if exercise else '':<6}{'ok':<10}(same code as the lesson before)")
             continue
         with tempfile.TemporaryDirectory(prefix=f"lesson{n:02d}-") as tmp:
             for path, (mode, data) in snap.items():
@@ -380,6 +385,7 @@ def test(repo, numbers, worktree, exercise, slow):
             print(f"lesson{n:02d}{'-ex' if exercise else '':<6}{'ok' if good else 'FAILED':<10}"
                   f"{len(cases) - len(failed) - len(skipped):>7}{len(failed):>7}{len(skipped):>8}"
                   f"{time.time() - t0:>9.1f}")
+            passed_code = code if good else None
             if not good:
                 ok = False
                 print(res.stdout[-3000:] + res.stderr[-2000:])

@@ -144,7 +144,7 @@ def generate_story(rng):
     facts = {"hero": hero.name, "hero_kind": hero.kind, "friend": friend.name,
              "friend_kind": friend.kind, "found_at": place, "end_place": end_place,
              "object": obj, "colour": colour, "size": size, "lost": lost, "owner": owner.name,
-             "hero_felt": glad, "friend_felt_first": sad, "gave": gives}
+             "hero_felt": glad, "friend_feels_bad": sad, "friend_they": friend.they, "gave": gives}
     return Story(" ".join(s), facts)
 
 

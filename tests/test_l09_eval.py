@@ -84,6 +84,17 @@ def test_multiple_choice_rigged_model_and_length_normalisation():
     assert out["acc"] == 0.0 and out["acc_norm"] == 1.0  # normalisation changes the answer
 
 
+def test_story_cloze_items_end_right_before_the_answer():
+    """The context must stop exactly where the right option continues the real story."""
+    import storyworld
+
+    for kind in ("colour", "pronoun"):
+        items = E.story_cloze_items(kind, n=30)
+        for story, (context, options, answer) in zip(storyworld.stories(1337, 20000, 30), items):
+            assert story.text.startswith(context + options[answer] + " ")
+            assert len(set(options)) == len(options) == (4 if kind == "colour" else 2)
+
+
 def test_mmlu_reader_and_bad_rows(tmp_path):
     (tmp_path / "dev.csv").write_text("What is 1+1?,1,2,3,4,B\n")
     (tmp_path / "test.csv").write_text('"Capital of France, please?",Rome,Paris,Oslo,Bern,B\n')
@@ -175,7 +186,8 @@ def test_eval_cli_writes_results_beside_the_checkpoint(ckpt, capsys):
     ppl = json.loads((ckpt / "eval_ppl.json").read_text())
     assert 1 < ppl["ppl"] < 400 and ppl["tokens"] > 1000
     mc = json.loads((ckpt / "eval_mc.json").read_text())
-    assert mc["items"] == 10 and mc["chance"] == 0.25
+    assert mc["colour_items"] == mc["pronoun_items"] == 10
+    assert mc["colour_chance"] == 0.25 and mc["pronoun_chance"] == 0.5
     assert json.loads((ckpt / "eval_story.json").read_text())["items"] == 10
 
 

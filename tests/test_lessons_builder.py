@@ -237,3 +237,14 @@ def test_builder_runs_each_lessons_tests_and_exercises_fail_their_own(toy):
     Path(toy, "tests/test_l03_shout.py").write_text("import a\ndef test_shout():\n    assert 0\n")
     res = lessons(toy, "test", "3", "--worktree")
     assert res.returncode == 1 and "lesson03" in res.stdout and "FAILED" in res.stdout
+
+
+def test_lessons_whose_code_did_not_change_are_not_rerun(tmp_path):
+    """Lessons 2 and 3 only add course text: their tests would be lesson 1's again."""
+    repo = make_repo(tmp_path / "same", {"lessons.md": TOY["lessons.md"], "a.py": ["X = 1"],
+                                         "tests/test_l01_a.py": ["def test_a():", "    assert True"]})
+    res = lessons(repo, "test")
+    assert res.returncode == 0, res.stdout
+    lines = res.stdout.splitlines()[1:]
+    assert lines[0].split()[:3] == ["lesson01", "ok", "1"]
+    assert all("(same code as the lesson before)" in line for line in lines[1:]) and len(lines) == 3

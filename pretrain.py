@@ -291,43 +291,48 @@ def estimate_loss(model, batches, iters, autocast):
     return sum(losses) / len(losses)
 
 
+def setup_device(cfg):
+    """(ddp, rank, world, device, why). Under torchrun (which sets RANK, WORLD_SIZE,
+    LOCAL_RANK) there is one process per device; otherwise one process picks the best."""
+    if "RANK" not in os.environ:
+        return (False, 0, 1, *choose_device(cfg["device"]))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"  # nccl: GPUs; gloo: CPUs
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if backend == "nccl" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return True, rank, world, device, f"{device} (torchrun rank {rank} of {world}, {backend})"
+
+
 def train(cfg):
     """Run one training job; returns the final {"step", "train_loss", "val_loss"}."""
-    ddp = "RANK" in os.environ  # set by torchrun
-    if ddp:  # one process per device; gradients are averaged by all-reduce in backward()
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if backend == "nccl" else "cpu")
-        why = f"{device} (torchrun rank {rank} of {world}, {backend})"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-        device, why = choose_device(cfg["device"])
-    master = rank == 0
+    ddp, rank, world, device, why = setup_device(cfg)
+    master = rank == 0  # only one process prints, samples and writes files
     log = print if master else (lambda *a, **k: None)
     dtype, dtype_why = choose_dtype(device, cfg["dtype"])
     log(f"device: {why}; precision: {dtype_why}")
+    # autocast runs matmuls in bf16/fp16 and keeps precision-sensitive ops (softmax, norms,
+    # the loss) in fp32; the weights and the optimizer stay fp32 throughout.
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # no-op unless fp16
 
     folder, meta = ensure_data(cfg)
     mcfg = build_model(cfg, meta)
-    torch.manual_seed(cfg["seed"])  # the same init on every rank
+    torch.manual_seed(cfg["seed"])  # the same init on every rank (DDP also broadcasts rank 0's)
     model = CausalLM(mcfg).to(device)
     optimizer = make_optimizer(model, cfg)
     out = Path(cfg["out_dir"])
     ckpt_path, step = out / "ckpt.pt", 0
-    if cfg["resume"]:
+    if cfg["resume"]:  # everything that shapes the next step comes back, so the run continues exactly
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+        optimizer.load_state_dict(ckpt["optimizer"])  # Adam's moments: without them, a jolt
+        step = ckpt["step"]  # also the lr schedule's position and the next batch number
         torch.set_rng_state(ckpt["rng"])  # dropout masks continue as if never stopped
         log(f"resumed from {ckpt_path} at step {step}")
     raw = model  # checkpoints store the plain module, not the compiled or DDP wrapper
-    if cfg["compile"]:
+    if cfg["compile"]:  # traces the model into fused kernels: slow first step, faster after
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[device] if device.type == "cuda" else None)
@@ -353,28 +358,31 @@ def train(cfg):
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = torch.zeros((), device=device)  # this step's mean loss over all micro-batches
+            # One optimizer step = grad_accum micro-batches per process x world processes.
+            # Gradients add up across backward() calls, so each micro-loss is divided by
+            # grad_accum: the sum is the gradient of the mean loss over the whole step.
+            loss = torch.zeros((), device=device)  # this step's mean loss, for the log
             for micro in range(cfg["grad_accum"]):
                 x, y = train_batches.get((step * world + rank) * cfg["grad_accum"] + micro)
                 last = micro == cfg["grad_accum"] - 1  # DDP: all-reduce only on the last micro-batch
                 with model.no_sync() if ddp and not last else nullcontext(), autocast:
                     _, micro_loss = model(x, y)
-                    scaler.scale(micro_loss / cfg["grad_accum"]).backward()  # accumulate the mean
+                    scaler.scale(micro_loss / cfg["grad_accum"]).backward()
                 loss += micro_loss.detach() / cfg["grad_accum"]
             if ddp:  # the loss of the whole step, not just this rank's share (for logs)
                 dist.all_reduce(loss)  # a sum (gloo has no AVG): divide by the process count
                 loss /= world
-            if not math.isfinite(loss.item()):
+            if not math.isfinite(loss.item()):  # stop before a NaN reaches a checkpoint
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}: training diverged. "
                                          f"The last good checkpoint stays at {ckpt_path}; try a lower lr")
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             norm = clip_grad_norm(raw.parameters(), cfg["grad_clip"])
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # with fp16: skipped if the scaled gradients overflowed
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)  # None, not zeros: frees memory, skips a fill
             step += 1
             if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
-                dt = (time.time() - t0) / cfg["log_interval"]
+                dt = (time.time() - t0) / cfg["log_interval"]  # includes any eval in the interval
                 t0 = time.time()
                 rate = tokens_per_step / dt
                 eta = (cfg["max_iters"] - step) * (time.time() - t_start) / (step - step0)
@@ -388,16 +396,10 @@ def train(cfg):
                 history = {**history, "step": step, "tokens": step * tokens_per_step,
                            "val_loss": estimate_loss(raw, val_batches, cfg["eval_iters"], autocast)}
                 if master:
-                    prompt = torch.tensor([tok.encode("Once" if meta["tokenizer_kind"] == "bpe" else "\n")],
-                                          device=device)
-                    gen = torch.Generator(device).manual_seed(cfg["seed"])
-                    sample = raw.generate(prompt, cfg["sample_tokens"], temperature=0.8, top_k=50,
-                                          eos_id=meta.get("eot_id"), generator=gen)
                     log(f"step {step}: val loss {history['val_loss']:.4f}\n--- sample ---\n"
-                        f"{tok.decode(sample[0].tolist())}\n--------------")
-                    raw.train()
+                        f"{sample_text(raw, tok, meta, cfg, device)}\n--------------")
                 checkpoint()
-            if master and history.get("step") == step:
+            if master and history.get("step") == step:  # one JSON line per logged step
                 logfile.write(json.dumps(history) + "\n")
                 logfile.flush()
     except KeyboardInterrupt:  # Ctrl-C: keep what was learned, exit cleanly
@@ -409,6 +411,17 @@ def train(cfg):
     if master and (cfg["plot"] or step == cfg["max_iters"]):
         plot(out)
     return {"step": step, "train_loss": history.get("train_loss"), "val_loss": history.get("val_loss")}
+
+
+def sample_text(model, tok, meta, cfg, device):
+    """A short sample from the start of a document, with a fixed seed: the same noise
+    at every eval, so the samples show what changed in the model, not in the dice."""
+    start = "Once" if meta["tokenizer_kind"] == "bpe" else "\n"
+    gen = torch.Generator(device).manual_seed(cfg["seed"])
+    ids = model.generate(torch.tensor([tok.encode(start)], device=device), cfg["sample_tokens"],
+                         temperature=0.8, top_k=50, eos_id=meta.get("eot_id"), generator=gen)
+    model.train()  # generate() switched to eval mode
+    return tok.decode(ids[0].tolist())
 
 
 def plot(out):

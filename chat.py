@@ -61,8 +61,12 @@ def main(argv=None):
         tok = load_tokenizer(ckpt["tokenizer"])
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         sys.exit(f"chat.py: cannot load {args.ckpt}: {e}")
+    # Sampling settings the /commands change. temp 0.8 with top-k 50 is a common default:
+    # varied but rarely incoherent; /temp 0 gives the single most likely continuation.
     settings = {"temp": 0.8, "topk": 50, "topp": None, "len": 200}
+    # One generator for the whole session: --seed makes a conversation reproducible.
     generator = torch.Generator().manual_seed(args.seed)
+    # A terminal gets a prompt sign; a pipe (tests, scripts) gets only the answers.
     interactive = sys.stdin.isatty()
     print(f"{model.num_params():,}-parameter model from {args.ckpt}. Type a beginning; Ctrl-D quits.")
     while True:
@@ -83,6 +87,8 @@ def main(argv=None):
         except ValueError as e:  # a character tokenizer meets a character it never saw
             print(f"cannot encode that: {e}", flush=True)
             continue
+        # Echo the beginning, then print each piece the moment it is decoded: flush, or
+        # the terminal would hold the text in its buffer until the whole answer is done.
         print(line, end="", flush=True)
         for piece in stream_text(model, tok, ids, settings, generator):
             print(piece, end="", flush=True)

@@ -109,6 +109,9 @@ def score_options(model, tok, context, options):
     predictable ones. Report both (lm-evaluation-harness calls them acc and
     acc_norm; it normalises by bytes, we by tokens).
     """
+    # subtle: encode context and option separately and concatenate the ids. Encoding the
+    # joined string could merge the option's first characters into the context's last
+    # token, and then the option's tokens would not be the ones we score.
     ctx = tok.encode(context)
     scores = []
     for option in options:
@@ -265,6 +268,8 @@ def run_sandboxed(program, timeout=5.0, memory_mb=512):
     included); the stubs can be bypassed with ctypes. For untrusted code at
     scale, use a container or VM on top of this.
     """
+    # A fresh folder per run: the program's files cannot meet another run's, and the
+    # whole folder goes away afterwards. The guard is prepended to the program itself.
     workdir = tempfile.mkdtemp(prefix="sandbox-")
     os.chmod(workdir, 0o777)  # writable for nobody too
     script = Path(workdir, "program.py")
@@ -275,6 +280,9 @@ def run_sandboxed(program, timeout=5.0, memory_mb=512):
     proc = subprocess.Popen([python, "-I", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, text=True, preexec_fn=lambda: _limit_child(
                                 workdir, int(timeout) + 1, memory_mb * 2 ** 20, drop_root))
+    # The verdict is the exit code: the tests are asserts, so any failure raises and
+    # Python exits with 1; RLIMIT_CPU ends a busy loop with SIGXCPU even if the wall
+    # clock is never reached; the wall clock catches sleeping or blocked programs.
     try:
         out, err = proc.communicate(timeout=timeout)
         status = "passed" if proc.returncode == 0 else "failed"

@@ -43,6 +43,10 @@ def row(name, ours, reference="", note=""):
     print(f"  {name:<44}{ours:>18}   {reference:<24}{note}")
 
 
+SECTIONS = {}  # name -> function; each lesson's section registers itself below
+
+
+#> L01 bench-tokenizer
 # -----------------------------------------------------------------------------
 # Tokenizer (lesson 01)
 
@@ -85,6 +89,9 @@ def bench_tokenizer():
     row("pure-Python encode with cl100k ranks", f"{mb / seconds:.2f} MB/s")
 
 
+SECTIONS["tokenizer"] = bench_tokenizer
+#< L01
+#> L05 bench-model
 # -----------------------------------------------------------------------------
 # Model (lessons 02-05)
 
@@ -138,6 +145,9 @@ def bench_gpt2_step():
     row("train step 4x256 (fwd + bwd + AdamW)", f"{float(out[0]):.1f} s", "", f"peak RSS {peak:.1f} GiB, loss {out[1]}")
 
 
+SECTIONS["model"], SECTIONS["gpt2step"] = bench_model, bench_gpt2_step
+#< L05
+#> L07 bench-train
 # -----------------------------------------------------------------------------
 # Training throughput (lessons 06-08)
 
@@ -177,12 +187,16 @@ def bench_train():
             "57 ms/step (nanoGPT ref)", f"{768 * 10 / t:,.0f} tok/s")
 
 
-SECTIONS = {"tokenizer": bench_tokenizer, "model": bench_model, "gpt2step": bench_gpt2_step,
-            "train": bench_train}
+SECTIONS["train"] = bench_train
+#< L07
+
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Print the performance table.")
-    ap.add_argument("sections", nargs="*", choices=[[], *SECTIONS], default=[])
-    for name in ap.parse_args().sections or SECTIONS:
+    ap.add_argument("sections", nargs="*", help=f"any of: {', '.join(SECTIONS)} (default: all)")
+    chosen = ap.parse_args().sections or list(SECTIONS)
+    if unknown := set(chosen) - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
+    for name in chosen:
         SECTIONS[name]()
         sys.stdout.flush()

@@ -1,3 +1,4 @@
+#> L08 config
 # GPT-2 small (124M parameters) on GPUs, launched with torchrun:
 #   torchrun --standalone --nproc_per_node=8 pretrain.py config/gpt2.py
 # Token budget: Chinchilla (Hoffmann et al. 2022) suggests ~20 tokens per parameter,
@@ -23,3 +24,4 @@ eval_interval = 250
 eval_iters = 50
 log_interval = 10
 peak_flops = 312e12
+#< L08

@@ -1,3 +1,4 @@
+#> L08 config
 # nanoGPT's CPU recipe on Tiny Shakespeare, character level, for a side-by-side comparison:
 # 4 layers, 4 heads, 128 wide, context 64, batch 12, 2000 iterations, lr 1e-3, no dropout.
 # Our block (RoPE, RMSNorm, SwiGLU) replaces GPT-2's; everything else follows the recipe.
@@ -19,3 +20,4 @@ dropout = 0.0
 eval_interval = 250
 eval_iters = 200
 log_interval = 100
+#< L08

@@ -1,3 +1,4 @@
+#> L08 config
 # A ~12M-parameter model on the story world: better samples, ~1 hour on a 2-core CPU,
 # minutes on a GPU.
 dataset = "storyworld"
@@ -12,3 +13,4 @@ warmup_iters = 200
 dropout = 0.1
 eval_interval = 500
 log_interval = 50
+#< L08

@@ -1,3 +1,4 @@
+#> L08 config
 # The main job: a ~1M-parameter model on the built-in story world, ~5 minutes on a 2-core CPU.
 # python pretrain.py config/tiny.py
 dataset = "storyworld"
@@ -11,3 +12,4 @@ min_lr = 2e-4
 warmup_iters = 100
 eval_interval = 250
 log_interval = 50
+#< L08

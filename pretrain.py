@@ -115,8 +115,12 @@ class Batches:
         self.device = torch.device(device)
 
     def get(self, i):
+        # A generator seeded by (seed, i) draws batch i's window starts: no state to save,
+        # and process r of w taking numbers r, r + w, ... never repeats another's batches.
         rng = np.random.default_rng([self.seed, i])
         starts = rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)
+        # T + 1 tokens per window: T inputs, and the same T shifted by one as targets.
+        # int64 because nn.Embedding and cross_entropy index with longs, not uint16.
         window = np.stack([self.data[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
         xy = torch.from_numpy(window)  # (B, T + 1)
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
@@ -231,6 +235,8 @@ class Lion(torch.optim.Optimizer):
     #< L07
 
 def make_optimizer(model, cfg):
+    # The two optimizers take the same groups and betas; Lion ignores Adam's eps and
+    # needs its own lr (set it in the config: ~3-10x below AdamW's).
     groups = param_groups(model, cfg["weight_decay"])
     if cfg["optimizer"] == "lion":
         return Lion(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
@@ -274,6 +280,8 @@ def build_model(cfg, meta):
     """The preset, with every ModelConfig key the config sets, sized to the tokenizer."""
     if cfg["model"] not in PRESETS:
         raise ValueError(f"unknown model preset {cfg['model']!r}; choose one of {sorted(PRESETS)}")
+    # Keys left at None in the config mean "the preset's value"; vocab_size always comes
+    # from the data, so the embedding has exactly one row per token the tokenizer makes.
     chosen = {k: v for k, v in cfg.items() if k in ModelConfig.__dataclass_fields__ and v is not None}
     return ModelConfig(**{**PRESETS[cfg["model"]], **chosen, "vocab_size": meta["vocab_size"]})
 
@@ -281,6 +289,9 @@ def build_model(cfg, meta):
 @torch.no_grad()
 def estimate_loss(model, batches, iters, autocast):
     """Mean loss over the same `iters` batches every time, so evals compare."""
+    # eval mode turns dropout off: we measure the model, not a noisy version of it.
+    # The batches are numbered 0..iters-1 of the val stream every time, so two evals
+    # differ only because the model did.
     model.eval()
     losses = []
     for i in range(iters):
@@ -434,6 +445,7 @@ def plot(out):
     except ImportError:
         print("plot skipped: pip install matplotlib to get loss.png")
         return
+    # Against tokens, not steps: runs with different batch sizes then share an x axis.
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in ("train_loss", "val_loss"):
@@ -451,6 +463,8 @@ def plot(out):
 def main(argv):
     if not argv or argv[0].startswith("--"):
         sys.exit("usage: python pretrain.py config/FILE.py [--key=value ...]")
+    # Every key of DEFAULTS can come from the file or the command line; load_config
+    # prints the result, so each log starts with exactly what ran.
     cfg = load_config(argv[0], DEFAULTS, argv[1:])
     try:
         result = train(cfg)

@@ -145,6 +145,8 @@ def render(path, text, n, known, exercise=False):
     """
     out, stack, spans = [], [], []  # spans: [start, end) of lesson-n exercise lines
     for kind, payload, _ in parse(path, text, known):
+        # A line is in lesson n when every block around it is: nesting only narrows.
+        # Marker lines themselves never reach the output.
         visible = all(b.active(n) for b in stack)
         if kind == "open":
             stack.append(payload)
@@ -156,6 +158,8 @@ def render(path, text, n, known, exercise=False):
                 spans[-1][1] = len(out)
         elif visible:
             out.append(payload)
+    # Stubs are cut from the rendered lesson, not from main: line numbers and the
+    # syntax tree must be those of the file the learner will open.
     if exercise and spans and path.endswith(".py"):
         out = stub(path, out, spans, n)
     return tidy(path, out)
@@ -264,6 +268,8 @@ def render_tree(files, n, known, exercise=False):
 
 def commit(repo, snap, parent, message, n, env, blobs):
     """Write snapshot `snap` as a commit on `parent` through a private index."""
+    # The index format git reads with --index-info: "<mode> <blob sha>\t<path>" per file.
+    # A private GIT_INDEX_FILE holds it, so the user's staged changes are never touched.
     info = ""
     for path, (mode, data) in sorted(snap.items()):
         if data not in blobs:  # most files repeat across lessons: hash each text once
@@ -280,6 +286,9 @@ def commit(repo, snap, parent, message, n, env, blobs):
 
 
 def build(repo):
+    # Each lesson's commit has the previous lesson's as parent, so `git diff lesson06
+    # lesson07` is lesson 7 and `git log lesson15` lists the syllabus; an exercise commit
+    # is a sibling of its lesson (same parent), so its diff is the lesson with holes.
     files = read_tree(repo)
     known = lessons_of(files)
     parent, blobs = None, {}
@@ -313,6 +322,7 @@ def check(repo, worktree):
         except MarkerError as e:
             problems.append(str(e))
             continue
+        # Marker density: a file wrapped whole in one block pays 2 lines it cannot avoid.
         marks, size = [i for i in items if i[0] != "line"], len(text.rstrip("\n").split("\n"))
         wrapped = len(marks) >= 2 and marks[0][2] == 1 and marks[-1][2] == size  # whole file
         share = (len(marks) - 2 * wrapped) / size
@@ -369,6 +379,8 @@ def test(repo, numbers, worktree, exercise, slow):
                 f.write_bytes(data)
                 f.chmod(0o755 if mode == "100755" else 0o644)
             t0 = time.time()
+            # The builder's own tests run once, on main (they build toy repos, not lessons);
+            # slow end-to-end tests only with --slow. junit.xml tells which test failed where.
             cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml",
                    "junit.xml", "--ignore=tests/test_lessons_builder.py", "tests"]
             res = subprocess.run(cmd + ([] if slow else ["-m", "not slow"]), cwd=tmp, text=True,

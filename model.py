@@ -483,6 +483,7 @@ class CausalLM(nn.Module):
             raise FileNotFoundError(f"{path} has no config.json: expected a Hugging Face model folder")
         hf = json.loads((path / "config.json").read_text())
         cfg = config_from_hf(hf)
+        # Their tensors, by their names; hf_weight_map says where each goes in ours.
         tensors = read_safetensors_folder(path)
         if hf["model_type"] == "gpt2" and "wte.weight" in tensors:  # older GPT-2 files drop the prefix
             tensors = {"transformer." + k: t for k, t in tensors.items()}
@@ -499,6 +500,8 @@ class CausalLM(nn.Module):
                 state[name] = part.contiguous()
         if cfg.tie_embeddings:
             state["lm_head.weight"] = state["tok_emb.weight"]
+        # strict: every parameter must be filled (a missing one would stay uninitialised);
+        # assign: take the loaded tensors as they are instead of copying into meta ones.
         model.load_state_dict(state, strict=True, assign=True)
         model._rebuild_buffers()
         return model.eval()
@@ -520,6 +523,7 @@ class CausalLM(nn.Module):
         model_type = model_type or ("gpt2" if cfg.pos_emb == "learned" else "qwen3" if cfg.qk_norm else "llama")
         hf = config_to_hf(cfg, model_type)
         tensors = {}
+        # The loading map run backwards: stack ours into theirs, transpose for GPT-2's Conv1D.
         for theirs, ours, kind in hf_weight_map(cfg, model_type):
             t = torch.cat([self.get_parameter(name).detach() for name in ours], dim=0)
             tensors[theirs] = t.t().contiguous() if kind == "conv1d" and t.dim() == 2 else t

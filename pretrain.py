@@ -328,15 +328,15 @@ def train(cfg):
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # no-op unless fp16
 
+    out = Path(cfg["out_dir"])
+    ckpt_path, step = out / "ckpt.pt", 0
+    ckpt = load_checkpoint(ckpt_path, map_location=device) if cfg["resume"] else None  # fail fast
     folder, meta = ensure_data(cfg)
     mcfg = build_model(cfg, meta)
     torch.manual_seed(cfg["seed"])  # the same init on every rank (DDP also broadcasts rank 0's)
     model = CausalLM(mcfg).to(device)
     optimizer = make_optimizer(model, cfg)
-    out = Path(cfg["out_dir"])
-    ckpt_path, step = out / "ckpt.pt", 0
-    if cfg["resume"]:  # everything that shapes the next step comes back, so the run continues exactly
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+    if ckpt:  # everything that shapes the next step comes back, so the run continues exactly
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])  # Adam's moments: without them, a jolt
         step = ckpt["step"]  # also the lr schedule's position and the next batch number
@@ -465,9 +465,12 @@ def main(argv):
         sys.exit("usage: python pretrain.py config/FILE.py [--key=value ...]")
     # Every key of DEFAULTS can come from the file or the command line; load_config
     # prints the result, so each log starts with exactly what ran.
-    cfg = load_config(argv[0], DEFAULTS, argv[1:])
     try:
+        cfg = load_config(argv[0], DEFAULTS, argv[1:])
         result = train(cfg)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: the message is the help
+        print(f"pretrain.py: {e}", file=sys.stderr)
+        shutdown(1) if dist.is_initialized() else sys.exit(1)
     except BaseException:
         if dist.is_initialized():
             traceback.print_exc()

@@ -76,6 +76,15 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_checkpoint(data_dir,
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
+def test_cli_errors_are_one_clear_line(tmp_path):
+    """Bad input ends with the problem and the fix, not a traceback."""
+    for args, message in ((["config/tiny.py", "--lrr=1"], "unknown config key 'lrr'; valid keys:"),
+                          (["config/tiny.py", f"--out_dir={tmp_path}", "--resume"], "no checkpoint at")):
+        r = subprocess.run([sys.executable, "pretrain.py", *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_checkpoints_are_atomic_and_loaded_safely(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, {"step": 1, "w": torch.ones(3)})

@@ -188,9 +188,9 @@ def test_save_load_roundtrip_and_bad_files(bpe, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({**data, "merges": [[1, 2]]}))
     with pytest.raises(ValueError, match="bad.json is damaged"):
         T.BPETokenizer.load(tmp_path / "bad.json")
+    (tmp_path / "c.json").write_text('{"format": "intro2llm-char", "version": 1, "chars": "ab"}')
     with pytest.raises(ValueError, match="is not a intro2llm-bpe tokenizer file"):
-        T.BPETokenizer.load(tmp_path / "c.json") if (tmp_path / "c.json").write_text(
-            '{"format": "intro2llm-char"}') else None
+        T.BPETokenizer.load(tmp_path / "c.json")
 
 
 def test_decode_errors_and_partial_utf8(bpe):

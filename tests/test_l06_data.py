@@ -65,6 +65,19 @@ def test_prepared_token_files_decode_to_the_stories(tiny_world):
     assert val.split("<|endoftext|>")[0] == next(storyworld.stories(1337, 300, 1)).text  # held out
 
 
+def test_load_tokenizer_reads_either_kind(tiny_world, tmp_path):
+    """pretrain, eval and chat load whatever tokenizer a dataset was prepared with."""
+    from tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+
+    out, _ = tiny_world
+    assert isinstance(load_tokenizer(out / "tokenizer.json"), BPETokenizer)
+    CharTokenizer.train("ab").save(tmp_path / "c.json")
+    assert load_tokenizer(tmp_path / "c.json").decode([1, 0]) == "ba"
+    (tmp_path / "x.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="not a intro2llm-char or intro2llm-bpe tokenizer file"):
+        load_tokenizer(tmp_path / "x.json")
+
+
 def test_batches_are_shifted_windows_and_deterministic(tiny_world):
     out, _ = tiny_world
     data = np.fromfile(out / "train.bin", dtype=np.uint16)

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model import MLP, Attention, CausalLM, ModelConfig, RMSNorm, make_norm
 

@@ -65,9 +65,10 @@ def perplexity(model, ids, stride=None, tok=None):
     The model sees at most block_size tokens, so a long text is cut into
     windows. With stride = block_size the windows do not overlap and a token
     at the start of a window is predicted from almost no context (higher,
-    pessimistic perplexity). A smaller stride slides the window: each token is
-    scored in the window where it has the most context, at block/stride times
-    the compute. Default: stride = block_size // 2.
+    pessimistic perplexity). A smaller stride slides the window and scores only
+    its last `stride` targets, so every token after the first window sees at
+    least block_size - stride tokens of context, for ~block/stride times the
+    compute. Default: stride = block_size // 2.
 
     ppl = exp(mean NLL). If `tok` is given, bits per byte too: total NLL in
     bits over the UTF-8 bytes of the scored text, which compares models with
@@ -80,10 +81,10 @@ def perplexity(model, ids, stride=None, tok=None):
     while True:
         end = min(begin + T, len(ids) - 1)  # x = ids[begin:end], targets ids[begin+1:end+1]
         x, y = ids[begin:end].clone(), ids[begin + 1:end + 1].clone()
-        fresh = max(prev_end - begin, 0)  # targets 0..fresh-1 were scored by an earlier window
-        y[:fresh] = -1
+        seen = max(prev_end - begin, 0)  # targets 0..seen-1 were scored by an earlier window
+        y[:seen] = -1
         nll -= token_logprobs(model, x[None], y[None]).sum().item()
-        scored += len(y) - fresh
+        scored += len(y) - seen
         prev_end = end
         progress(end, len(ids) - 1, "perplexity tokens")
         if end == len(ids) - 1:

@@ -53,9 +53,13 @@ def test_perplexity_hand_computed_two_tokens():
 @pytest.mark.parametrize("n, block, stride", [(50, 8, 8), (50, 8, 3), (9, 8, 4), (100, 16, 5), (2, 8, 8)])
 def test_stride_scores_every_token_exactly_once(n, block, stride, monkeypatch):
     """With ids = 0..n-1 each target's value is its position: record what gets scored."""
-    seen = []
-    real = E.token_logprobs
-    monkeypatch.setattr(E, "token_logprobs", lambda m, x, y: (seen.extend(y[y != -1].tolist()), real(m, x, y))[1])
+    seen, real = [], E.token_logprobs
+
+    def recording(model, x, y):
+        seen.extend(y[y != -1].tolist())  # the targets this window scores
+        return real(model, x, y)
+
+    monkeypatch.setattr(E, "token_logprobs", recording)
     E.perplexity(TableModel(torch.zeros(n, n), block), np.arange(n), stride=stride)
     assert sorted(seen) == list(range(1, n))
 

@@ -295,7 +295,9 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(hs, cfg.norm_eps), RMSNorm(hs, cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, kv_cache=None):
+    def forward(self, x, rope=None, kv_cache=None, mask=None):
+        """x (B, T, C) -> (B, T, C). mask: None for plain causal attention; lesson 10's
+        packed rows pass their own (B, 1, T, T) bool mask (True: may attend)."""
         q = split_heads(self.q_proj(x), self.cfg.n_head)  # (B, nh, T, hs)
         k = split_heads(self.k_proj(x), self.cfg.n_kv_head)  # (B, nkv, T, hs)
         v = split_heads(self.v_proj(x), self.cfg.n_kv_head)  # (B, nkv, T, hs)
@@ -305,6 +307,12 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:  # keys/values of all positions so far: (B, nkv, Tk, hs)
             k, v = kv_cache.update(self.layer, k, v)
+        #> L10 packing
+        if mask is not None:  # packed rows: SDPA with the block-diagonal mask, whatever attn_impl
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                               dropout_p=self.cfg.dropout if self.training else 0.0)
+            return self.dropout(self.o_proj(merge_heads(y)))
+        #< L10
         if self.cfg.attn_impl == "naive":
             n_rep = self.cfg.n_head // self.cfg.n_kv_head
             y = naive_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep),
@@ -326,8 +334,8 @@ class Block(nn.Module):
         self.norm1, self.attn = make_norm(cfg, cfg.n_embd), Attention(cfg, layer)
         self.norm2, self.mlp = make_norm(cfg, cfg.n_embd), MLP(cfg)
 
-    def forward(self, x, rope=None, kv_cache=None):
-        x = x + self.attn(self.norm1(x), rope, kv_cache)  # tokens exchange information
+    def forward(self, x, rope=None, kv_cache=None, mask=None):
+        x = x + self.attn(self.norm1(x), rope, kv_cache, mask)  # tokens exchange information
         return x + self.mlp(self.norm2(x))  # each token thinks on its own
 #< L03
 
@@ -359,12 +367,13 @@ class CausalLM(nn.Module):
         self.apply(self._init_weights)
         #< L05
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, segments=None):
         """idx (B, T) ids -> logits (B, T, V); loss if targets (B, T) are given.
 
         Targets equal to -1 are ignored (padding, prompts we do not train on).
         With kv_cache, idx holds only the new tokens and positions continue
-        from the cache's length.
+        from the cache's length. segments (B, T): lesson 10's packed rows, the
+        conversation each position belongs to (None: one sequence per row).
         """
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.length
@@ -372,16 +381,21 @@ class CausalLM(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size}; "
                              "crop the input or use a model with a longer context")
         x = self.tok_emb(idx)  # (B, T, C)
+        pos, mask = torch.arange(start, start + T, device=idx.device), None  # (T,), plain causal
+        #> L10 packing
+        if segments is not None:  # positions restart per conversation; attention stays inside each
+            pos, mask = packed_positions(segments)  # (B, T), (B, 1, T, T)
+        #< L10
         rope = None
         if self.cfg.pos_emb == "learned":
-            x = x + self.pos_emb.weight[start:start + T]  # rows of positions start..start+T-1: (T, C)
+            x = x + self.pos_emb(pos)  # the rows of positions start..start+T-1: (T, C)
         elif self.cfg.pos_emb == "sinusoidal":
-            x = x + self.pos_table[start:start + T].to(x.dtype)
-        else:
-            rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
+            x = x + self.pos_table[pos].to(x.dtype)
+        else:  # (1, T, hs), or (B, 1, T, hs) per row: broadcast over the heads of (B, nh, T, hs)
+            rope = (self.rope_cos[pos].unsqueeze(-3).to(x.dtype), self.rope_sin[pos].unsqueeze(-3).to(x.dtype))
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, rope, kv_cache)
+            x = block(x, rope, kv_cache, mask)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         loss = None
         if targets is not None:  # mean over non-ignored positions of -log p(target)
@@ -890,3 +904,91 @@ def load_checkpoint(path, map_location="cpu"):
                                 "config/tiny.py) or pass the right --out_dir")
     return torch.load(path, map_location=map_location, weights_only=True)
 #< L08
+#> L10 chat-plumbing
+
+
+# -----------------------------------------------------------------------------
+# Packing: several conversations in one row, each attending only to itself
+
+
+def packed_positions(segments):
+    """(B, T) segment ids -> positions (B, T) and an attention mask (B, 1, T, T).
+
+    A packed row holds several conversations back to back. Each must see the
+    model exactly as if it sat alone in its row: positions restart at 0 where
+    its segment starts, and a token attends to earlier tokens of its own
+    segment only -- the causal triangle cut into blocks along the diagonal.
+    Segments must be contiguous; any value works as long as neighbours differ.
+    >>> pos, mask = packed_positions(torch.tensor([[0, 0, 1, 1, 1]]))
+    >>> pos.tolist(), mask[0, 0].int().tolist()
+    ([[0, 1, 0, 1, 2]], [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]])
+    """
+    B, T = segments.shape
+    t = torch.arange(T, device=segments.device).expand(B, T)  # (B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # True where a segment begins
+    first = torch.where(starts, t, 0).cummax(dim=1).values  # where the current segment began
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T): same conversation
+    return t - first, (same & causal_mask(T, T, segments.device))[:, None]  # (B, 1, T, T)
+
+
+# -----------------------------------------------------------------------------
+# Chat plumbing: one reply through the template, and exact match with its error bar
+
+
+@torch.no_grad()
+def chat_reply(model, tok, messages, max_new_tokens=32, temperature=0.0, generator=None):
+    """The assistant's next reply to `messages` (ending with a user turn), as text.
+
+    Renders the conversation for completion (it ends with <|assistant_start|>)
+    and generates until the model says <|assistant_end|>: the end token it was
+    trained to produce is what makes a chat model stop talking.
+    """
+    ids, _ = tok.render_conversation(messages, for_completion=True)
+    end = tok.special_tokens["<|assistant_end|>"]
+    device = next(model.parameters()).device
+    new = [t.item() for t in model.stream(torch.tensor([ids], device=device), max_new_tokens,
+                                          temperature=temperature, eos_id=end, generator=generator)]
+    return tok.decode(new[:-1] if new and new[-1] == end else new)
+
+
+def wilson_interval(right, n, z=1.96):
+    """95% confidence interval of an accuracy right/n (Wilson 1927).
+
+    The textbook p +- z sqrt(p(1-p)/n) collapses to zero width at p = 0 or 1
+    and leaves [0, 1]; Wilson's interval inverts the normal test instead:
+        center = (p + z^2/2n) / (1 + z^2/n)
+        half   = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2)
+    >>> [round(x, 3) for x in wilson_interval(8, 10)]
+    [0.49, 0.943]
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p, zz = right / n, z * z / n
+    center = (p + zz / 2) / (1 + zz)
+    half = z / (1 + zz) * math.sqrt(p * (1 - p) / n + zz / (4 * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def exact_match(model, tok, examples, max_new_tokens=16, progress=None):
+    """Greedy replies to each example's prompt, compared with its reference answer.
+
+    examples: message lists whose last message is the reference (assistant)
+    answer; the prompt is everything before it. Compared after stripping spaces
+    and case. Returns {accuracy, ci_low, ci_high (Wilson 95%), n, right, wrong,
+    replies}: right/wrong are the examples themselves, replies the model's
+    answers in the order of `examples`.
+    """
+    right, wrong, replies = [], [], []
+    for i, chat in enumerate(examples):
+        reply = chat_reply(model, tok, chat[:-1], max_new_tokens)
+        replies.append(reply)
+        ok = reply.strip().lower() == chat[-1]["content"].strip().lower()
+        (right if ok else wrong).append(chat)
+        if progress:
+            progress(i + 1, len(examples))
+    n = len(examples)
+    low, high = wilson_interval(len(right), n)
+    return {"accuracy": len(right) / max(n, 1), "ci_low": low, "ci_high": high, "n": n,
+            "right": right, "wrong": wrong, "replies": replies}
+#< L10

@@ -577,9 +577,10 @@ def read_conversations(path, tok=None):
     Each line is {"messages": [...]} (the format of OpenAI's fine-tuning API and
     of Hugging Face chat datasets) or an Alpaca line, converted on read. A bad
     line raises ValueError naming the file, the line and the problem, before any
-    training starts. With `tok`, each conversation is also rendered once, which
-    catches special-token text in content. Every conversation ends with an
-    assistant message: the target in training, the reference answer in eval and RL.
+    training starts. Every conversation ends with an assistant message: the
+    target in training, the reference answer in eval and RL. With `tok`, the
+    result is each conversation rendered, (ids, mask) (what sft.py trains on),
+    so special-token text in content is caught with its line number too.
     """
     out = []
     with open(path, encoding="utf-8") as f:
@@ -601,11 +602,9 @@ def read_conversations(path, tok=None):
                     raise ValueError("\"messages\" must be a non-empty list")
                 for i in range(len(messages)):
                     _check_message(messages, i, False)
-                if tok is not None:
-                    tok.render_conversation(messages)
+                out.append(messages if tok is None else tok.render_conversation(messages))
             except (ValueError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
                 raise ValueError(f"{path}:{n}: {e}") from None
-            out.append(messages)
     if not out:
         raise ValueError(f"{path} holds no conversations")
     return out
@@ -681,7 +680,7 @@ def main(argv=None):
     if args.cmd == "chat":
         tok = BPETokenizer.load(args.tokenizer)
         try:
-            conversations = read_conversations(args.path, tok)
+            conversations = read_conversations(args.path)
             print(show_conversation(tok, conversations[args.index]))
         except (ValueError, IndexError, OSError) as e:
             sys.exit(f"tokenizer.py chat: {e}")

@@ -869,6 +869,7 @@ def choose_dtype(device, requested="auto"):
     return torch.float32, "fp32"
 
 
+#> L08 atomic-save exercise
 def save_checkpoint(path, state):
     """torch.save to a temporary file, then an atomic rename: a crash mid-write leaves
     the previous checkpoint intact, never a half-written one."""
@@ -880,6 +881,7 @@ def save_checkpoint(path, state):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+#< L08
 
 
 def load_checkpoint(path, map_location="cpu"):

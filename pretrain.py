@@ -114,7 +114,10 @@ class Batches:
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.device = torch.device(device)
 
+    #> L06 batches exercise
     def get(self, i):
+        """Batch number i: x (B, T) int64 token windows and y, the same windows shifted
+        left by one, on self.device. The same i always gives the same batch."""
         # A generator seeded by (seed, i) draws batch i's window starts: no state to save,
         # and process r of w taking numbers r, r + w, ... never repeats another's batches.
         rng = np.random.default_rng([self.seed, i])
@@ -126,6 +129,7 @@ class Batches:
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             xy = xy.pin_memory().to(self.device, non_blocking=True)
         return xy[:, :-1], xy[:, 1:]  # x (B, T), y (B, T)
+    #< L06
 #< L06
 #> L07 optim
 

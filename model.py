@@ -852,6 +852,31 @@ def load_config(path, defaults, overrides=()):
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in cfg.items()))
     return cfg
 #< L06
+#> L07 schedule exercise
+
+
+def get_lr(it, cfg):
+    """Linear warmup to lr, then cosine decay to min_lr at max_iters.
+
+    Warmup: Adam's early second-moment estimates are noisy, so large first
+    steps can diverge. Cosine: large steps while far from a minimum, small ones
+    at the end to settle into it.
+    """
+    if it < cfg["warmup_iters"]:
+        return cfg["lr"] * (it + 1) / cfg["warmup_iters"]
+    progress = min(1.0, (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"]))
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["lr"] - cfg["min_lr"])
+
+
+def clip_grad_norm(params, max_norm):
+    """Scale all gradients by min(1, max_norm / ||g||), ||g|| over all of them together;
+    returns ||g|| before clipping (logged: spikes warn of instability)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if max_norm > 0:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm
+#< L07
 #> L08 plumbing
 
 
@@ -905,6 +930,139 @@ def load_checkpoint(path, map_location="cpu"):
         raise FileNotFoundError(f"no checkpoint at {path}; train one first (python pretrain.py "
                                 "config/tiny.py) or pass the right --out_dir")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# The training loop's plumbing: pretrain.py, sft.py and align.py run the same
+
+
+def setup_device(cfg):
+    """(ddp, rank, world, device, why). Under torchrun (which sets RANK, WORLD_SIZE,
+    LOCAL_RANK) there is one process per device; otherwise one process picks the best."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        return (False, 0, 1, *choose_device(cfg["device"]))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"  # nccl: GPUs; gloo: CPUs
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if backend == "nccl" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return True, rank, world, device, f"{device} (torchrun rank {rank} of {world}, {backend})"
+
+
+def setup_precision(device, requested="auto"):
+    """(autocast, scaler, why) for choose_dtype's choice. autocast runs matmuls in
+    bf16/fp16 and keeps precision-sensitive ops (softmax, norms, the loss) in fp32;
+    the weights and the optimizer stay fp32 throughout. The GradScaler is a no-op
+    unless fp16, whose small range needs the loss scaled up before backward."""
+    from contextlib import nullcontext
+
+    dtype, why = choose_dtype(device, requested)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), why
+
+
+def optimizer_step(model, optimizer, scaler, loss, grad_clip, step, ckpt_path):
+    """After backward: refuse a non-finite loss, clip, step, clear. Returns the gradient
+    norm before clipping."""
+    if not math.isfinite(loss.item()):  # stop before a NaN reaches a checkpoint
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}: training diverged. "
+                                 f"The last good checkpoint stays at {ckpt_path}; try a lower lr")
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    norm = clip_grad_norm(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # with fp16: skipped if the scaled gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)  # None, not zeros: frees memory, skips a fill
+    return norm
+
+
+def progress_line(step, max_iters, loss, lr, norm, dt, rate, eta, extra=""):
+    """The log line: dt seconds per step, rate tokens/s, eta seconds left."""
+    return (f"step {step}/{max_iters}  loss {loss:.4f}  lr {lr:.2e}  grad norm {norm:.2f}  "
+            f"{dt * 1000:.0f} ms/step  {rate:,.0f} tok/s{extra}  ETA {eta / 60:.1f} min")
+
+
+def training_state(model, optimizer, step, cfg, tok, **extra):
+    """What a checkpoint holds: everything that shapes the next step (weights, Adam's
+    moments, the step -- also the lr schedule's position and the next batch number --
+    and the RNG, so dropout continues as if never stopped), the config, and the
+    tokenizer itself, so the run folder stands alone wherever it is copied."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "rng": torch.get_rng_state(), "config": cfg, "model_config": model.cfg.__dict__,
+            "tokenizer": tok.state(), **extra}
+
+
+def resume_training(ckpt, model, optimizer):
+    """Put a training_state back; returns the step to continue from."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])  # Adam's moments: without them, a jolt
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["step"]
+
+
+def check_resume(ckpt, cfg, resumable, mcfg=None, tok=None):
+    """Refuse to resume a checkpoint into a run that differs from it, naming each
+    difference. Called twice: on the config before data preparation (cheap, fails
+    fast), then on the model config and tokenizer, known once the data is ready."""
+    old_cfg = ckpt.get("config", {})
+    diffs = [f"{k} {old_cfg[k]!r} -> {v!r}" for k, v in cfg.items()
+             if k in old_cfg and k not in resumable and k not in ModelConfig.__dataclass_fields__
+             and old_cfg[k] != v]
+    if mcfg is not None:  # the model's shape: what the preset and the data made of the config
+        diffs += [f"{k} {old!r} -> {mcfg.__dict__[k]!r}" for k, old in ckpt["model_config"].items()
+                  if mcfg.__dict__.get(k) != old]
+    if tok is not None and isinstance(ckpt.get("tokenizer"), dict) and ckpt["tokenizer"] != tok.state():
+        diffs.append("tokenizer (the dataset was prepared with another one)")
+    if diffs:
+        raise ValueError(f"cannot resume {cfg['out_dir']}: {', '.join(diffs)} differ from the "
+                         "checkpoint; resume with its config, or start anew with another --out_dir")
+
+
+def run_main(script, defaults, train, argv):
+    """A training stage's command line: `python SCRIPT config/FILE.py [--key=value ...]`.
+
+    Every key of `defaults` can come from the file or the command line;
+    load_config prints the result, so each log starts with exactly what ran.
+    Bad input ends in one line naming the problem; under torchrun every process
+    leaves in order.
+    """
+    import sys
+    import traceback
+
+    import torch.distributed as dist
+
+    if not argv or argv[0].startswith("--"):
+        sys.exit(f"usage: python {script} config/FILE.py [--key=value ...]")
+    try:
+        result = train(load_config(argv[0], defaults, argv[1:]))
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: the message is the help
+        print(f"{script}: {e}", file=sys.stderr)
+        shutdown(1) if dist.is_initialized() else sys.exit(1)
+    except BaseException:
+        if dist.is_initialized():
+            traceback.print_exc()
+            shutdown(1)
+        raise
+    print(f"done: step {result['step']}, val loss {result.get('val_loss')}")
+    if dist.is_initialized():
+        shutdown(0)
+    return result
+
+
+def shutdown(code):
+    """Leave a torchrun process. subtle: with torch 2.13 on CPU, gloo sometimes aborts
+    (SIGABRT in a destructor at interpreter exit) after a run that finished correctly.
+    An orderly teardown, flushed output, then os._exit skips those destructors."""
+    import sys
+
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 #< L08
 #> L09 load-run
 
@@ -955,20 +1113,29 @@ def packed_positions(segments):
 # Chat plumbing: one reply through the template, and exact match with its error bar
 
 
-@torch.no_grad()
-def chat_reply(model, tok, messages, max_new_tokens=32, temperature=0.0, generator=None):
-    """The assistant's next reply to `messages` (ending with a user turn), as text.
+def chat_stream(model, tok, messages, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None,
+                generator=None):
+    """The assistant's reply to `messages` (ending with a user turn), as text pieces
+    while the tokens arrive (chat.py prints them as they come).
 
     Renders the conversation for completion (it ends with <|assistant_start|>)
-    and generates until the model says <|assistant_end|>: the end token it was
-    trained to produce is what makes a chat model stop talking.
+    and stops at <|assistant_end|>: the end token the model was trained to
+    produce is what makes a chat model stop talking.
     """
+    from tokenizer import decode_stream  # only the chat helpers need it: model.py stays standalone
+
     ids, _ = tok.render_conversation(messages, for_completion=True)
     end = tok.special_tokens["<|assistant_end|>"]
-    device = next(model.parameters()).device
-    new = [t.item() for t in model.stream(torch.tensor([ids], device=device), max_new_tokens,
-                                          temperature=temperature, eos_id=end, generator=generator)]
-    return tok.decode(new[:-1] if new and new[-1] == end else new)
+    prompt = torch.tensor([ids], device=next(model.parameters()).device)
+    tokens = model.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          eos_id=end, generator=generator)
+    # A base model never learned <|assistant_end|>; its end of a document ends the reply too.
+    return decode_stream(tok, tokens, stop_ids={end, tok.special_tokens.get("<|endoftext|>")})
+
+
+def chat_reply(model, tok, messages, max_new_tokens=32, temperature=0.0, generator=None):
+    """The whole reply as one string (greedy by default): what evaluations compare."""
+    return "".join(chat_stream(model, tok, messages, max_new_tokens, temperature, generator=generator))
 
 
 def wilson_interval(right, n, z=1.96):

@@ -25,9 +25,6 @@ import sys
 import torch
 
 from model import load_run
-#> L10 chat-mode
-from model import chat_stream
-#< L10
 from tokenizer import decode_stream
 
 
@@ -94,6 +91,7 @@ def fit_context(tok, chat, block_size, room):
 
 def chat_loop(model, tok, settings, generator, interactive):
     """Read user turns, stream replies. Returns at the end of input."""
+    from model import chat_stream  # lesson 10's: imported here, where chat mode begins
     chat = {"system": "", "history": []}
     # Answers here are facts from a story: greedy is the right default (/temp 0.8 to vary).
     settings["temp"] = 0.0

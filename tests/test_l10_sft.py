@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import chat as C
+import eval as E
 import sft
 import storyworld
 from model import CausalLM, ModelConfig, exact_match, save_checkpoint, training_state, wilson_interval
@@ -231,16 +232,32 @@ def test_batches_are_a_pure_function_of_the_batch_number(byte_tok):
 # The loop, end to end on a tiny model
 
 
-def test_sft_overfits_a_handful_of_conversations(base, tmp_path):
+@pytest.fixture(scope="module")
+def tuned(base, tmp_path_factory):
+    """The base model fine-tuned on FACTS: (run folder, train()'s result)."""
+    out = tmp_path_factory.mktemp("tuned") / "out"
+    return out, sft.train(sft_config(base[0], out))
+
+
+def test_sft_overfits_a_handful_of_conversations(base, tuned):
     """120 steps on four chats: every answer exact, greedy, through the template; before,
     none. Guards the whole path: template, mask, batches, loop, checkpoint, exact match."""
-    root, tok = base
-    result = sft.train(sft_config(root, tmp_path / "out"))
-    before = json.loads((tmp_path / "out" / "eval.json").read_text())["before"]
+    out, result = tuned
+    before = json.loads((out / "eval.json").read_text())["before"]
     assert before["story"]["accuracy"] == 0.0 and result["eval"]["story"]["accuracy"] == 1.0
-    model, tok2, ckpt = sft.load_run(tmp_path / "out")
-    assert ckpt["chat"] and ckpt["step"] == 120 and tok2.state() == tok.state()
-    assert exact_match(model, tok2, FACTS)["replies"] == ["the park", "Mia", "red", "5"]
+    model, tok, ckpt = sft.load_run(out)
+    assert ckpt["chat"] and ckpt["step"] == 120 and tok.state() == base[1].state()
+    assert exact_match(model, tok, FACTS)["replies"] == ["the park", "Mia", "red", "5"]
+
+
+def test_eval_py_asks_a_chat_model_through_the_template(base, tuned, capsys):
+    """eval.py on a chat checkpoint: exact match via the template, with its interval."""
+    out, _ = tuned
+    E.main(["--ckpt", str(out), "--task", "story", "--file", str(base[0] / "facts.jsonl")])
+    result = json.loads((out / "eval_story.json").read_text())
+    assert result["exact_match"] == 1.0 and result["items"] == 4
+    assert result["ci_high"] == 1.0 and result["ci_low"] == pytest.approx(wilson_interval(4, 4)[0])
+    assert "right 'Where is Tom?' -> 'the park'" in capsys.readouterr().out
 
 
 def test_sft_resume_is_bit_identical(base, tmp_path, monkeypatch):
@@ -316,14 +333,13 @@ def test_fit_context_drops_the_oldest_whole_turns(byte_tok):
         C.fit_context(byte_tok, chat, block_size=5, room=0)
 
 
-def test_chat_mode_through_a_pipe(base, tmp_path):
+def test_chat_mode_through_a_pipe(base, tuned):
     """An SFT checkpoint opens a chat: replies through the template, /history, /system,
     /reset, special-token text refused; a base checkpoint still completes text."""
     root, _ = base
-    sft.train(sft_config(root, tmp_path / "out", eval_n=0))
     lines = ["Where is Tom?", "/history", "/system Be brief.", "Who has the key?", "/history",
              "<|user_end|>", "/reset", "/history"]
-    run = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(tmp_path / "out")],
+    run = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(tuned[0])],
                          input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     out = run.stdout.splitlines()

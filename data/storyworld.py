@@ -262,15 +262,16 @@ def sft_sets(seed, train_stories, val_stories, arith_train=5000, arith_eval=500)
     0..train_stories-1 (pretraining's train split) for training, the next
     val_stories (its val split, never trained on by either stage) held out.
 
-    train / val:  one conversation per story -- half a single question, half
-                  2-4 questions about the same story -- mixed with arithmetic.
+    train / val:  one conversation per story -- a third a single question, the rest
+                  3-5 questions about the same story (more answers for the same
+                  story's tokens) -- mixed with arithmetic.
     eval_story:   one question per held-out story, no system message (exact match).
     eval_arith:   arithmetic problems that do not occur in train.
     """
     rng = random.Random(f"{seed}-sft")
 
     def chats(start, count):
-        return [story_conversation(s, rng, 1 if rng.random() < 0.5 else rng.randint(2, 4))
+        return [story_conversation(s, rng, 1 if rng.random() < 1 / 3 else rng.randint(3, 5))
                 for s in stories(seed, start, count)]
 
     train = chats(0, train_stories) + [arithmetic_conversation(rng) for _ in range(arith_train)]

@@ -260,22 +260,15 @@ def test_eval_py_asks_a_chat_model_through_the_template(base, tuned, capsys):
     assert "right 'Where is Tom?' -> 'the park'" in capsys.readouterr().out
 
 
-def test_sft_resume_is_bit_identical(base, tmp_path, monkeypatch):
+def test_sft_resume_is_bit_identical(base, tmp_path, monkeypatch, ctrl_c_at):
     """20 packed steps straight == 10, Ctrl-C, --resume, 10 more: weights bit-equal."""
     root, _ = base
     cfg = lambda out, **kw: sft_config(root, tmp_path / out, max_iters=20, eval_interval=7, eval_n=0,
                                        pack=True, **kw)
     sft.train(cfg("straight"))
-    real_get_lr = sft.get_lr
-
-    def ctrl_c_at_10(it, c):
-        if it == 10:
-            raise KeyboardInterrupt
-        return real_get_lr(it, c)
-
-    monkeypatch.setattr(sft, "get_lr", ctrl_c_at_10)
+    ctrl_c_at(sft, 10)
     assert sft.train(cfg("split"))["step"] == 10
-    monkeypatch.setattr(sft, "get_lr", real_get_lr)
+    monkeypatch.undo()
     assert sft.train(cfg("split", resume=True))["step"] == 20
     a = sft.load_run(tmp_path / "straight")[0].state_dict()
     b = sft.load_run(tmp_path / "split")[0].state_dict()

@@ -4,6 +4,7 @@
 init = "out/tiny"
 out_dir = "out/sft"
 batch_size = 16
+pack = True  # same loss as padding (tests/test_l10_sft.py), fewer wasted positions
 max_iters = 1000
 lr = 1e-3
 min_lr = 1e-4

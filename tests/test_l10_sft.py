@@ -3,6 +3,7 @@
 loop (overfitting, resume, accumulation), exact match, chat.py's chat mode."""
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -290,6 +291,31 @@ def test_accumulation_weights_micro_batches_by_supervised_tokens(base, tmp_path)
     a = sft.load_run(tmp_path / "a")[0].state_dict()
     b = sft.load_run(tmp_path / "b")[0].state_dict()
     for k in a:  # subtle: Adam's first step is lr * sign(g), so the weights agree loosely anyway
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_with_double_accumulation(base, tmp_path):
+    """torchrun, 2 gloo processes x 1 micro-batch == 1 process x 2 micro-batches: the
+    supervised-token weighting must hold across ranks too (its count is all-reduced)."""
+    root, _ = base
+
+    def run(out, *launcher, extra=()):
+        cfg = sft_config(root, tmp_path / out, max_iters=3, eval_n=0, eval_interval=3, log_interval=1,
+                         batch_size=2)
+        path = tmp_path / f"{out}.py"
+        path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.items()))
+        r = subprocess.run([sys.executable, *launcher, str(ROOT / "sft.py"), str(path), *extra], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stdout + r.stderr
+        return [float(line.split("loss ")[1].split()[0]) for line in r.stdout.splitlines()
+                if line.startswith("step ") and "/" in line.split()[1]]
+
+    ddp = run("ddp", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    one = run("one", extra=["--grad_accum=2"])
+    assert len(ddp) == 3 and ddp == pytest.approx(one, abs=1e-5)
+    a, b = (sft.load_run(tmp_path / d)[0].state_dict() for d in ("ddp", "one"))
+    for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 

@@ -223,7 +223,7 @@ def evaluate(model, tok, cfg, log=print):
         example = ""
         for chat, reply in zip(examples, r["replies"]):
             if chat in r["wrong"]:  # one wrong answer shows what is still missing
-                question = chat[-2]["content"].rsplit("\n", 1)[-1]  # the question, not the story
+                question = chat[-2]["content"].split("\n", 1)[0]  # the question, not the story
                 example = f"; e.g. {question!r} -> {reply!r} (expected {chat[-1]['content']!r})"
                 break
         log(f"exact match {task}: {r['accuracy']:.1%} (95% CI {r['ci_low']:.1%}-{r['ci_high']:.1%}, "

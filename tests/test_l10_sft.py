@@ -148,16 +148,16 @@ def test_builtin_sets_are_split_by_story():
     """Held-out conversations are about stories no training conversation tells, and the
     held-out sums are not in train: a test of reading and adding, not of memory."""
     sets = storyworld.sft_sets(7, train_stories=40, val_stories=10, arith_train=100, arith_eval=20)
-    stories = lambda chats: {m["content"].split("\nQuestion:")[0] for c in chats for m in c
-                             if "\nQuestion:" in m["content"]}
+    stories = lambda chats: {m["content"].split("\n", 1)[1] for c in chats for m in c
+                             if m["content"].startswith("Question: ")}
     train, held = stories(sets["train"]), stories(sets["val"]) | stories(sets["eval_story"])
     assert len(train) == 40 and len(held) == 10 and not train & held
     assert held == {s.text for s in storyworld.stories(7, 40, 10)}
     train_sums = {c[0]["content"] for c in sets["train"] if c[0]["content"].startswith("What is")}
     assert not train_sums & {c[0]["content"] for c in sets["eval_arith"]}
     for chat in sets["eval_story"]:  # one question, the exact answer of story_questions
-        story = next(s for s in storyworld.stories(7, 40, 10) if chat[0]["content"].startswith(s.text))
-        question = chat[0]["content"].split("\nQuestion: ")[1]
+        story = next(s for s in storyworld.stories(7, 40, 10) if chat[0]["content"].endswith(s.text))
+        question = chat[0]["content"].split("\n")[0].removeprefix("Question: ")
         assert chat[0]["content"] == storyworld.question_turn(story, question)
         assert (question, chat[1]["content"]) in storyworld.story_questions(story)
 

@@ -15,25 +15,17 @@ import sys
 
 import torch
 
-from model import CausalLM
-from tokenizer import load_tokenizer
+from model import load_run
+from tokenizer import decode_stream
 
 
 def stream_text(model, tok, ids, settings, generator):
-    """Yield text pieces as tokens arrive. A BPE token can end in the middle of a
-    UTF-8 character: hold text back until the decoded tail is whole (no U+FFFD)."""
+    """Yield text pieces of the continuation of `ids` as tokens arrive."""
     eot = getattr(tok, "special_tokens", {}).get("<|endoftext|>")
-    new, shown = [], 0
-    for nxt in model.stream(torch.tensor([ids[-model.cfg.block_size:]]), settings["len"],
-                            temperature=settings["temp"], top_k=settings["topk"],
-                            top_p=settings["topp"], eos_id=eot, generator=generator):
-        if nxt.item() == eot:
-            break
-        new.append(nxt.item())
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):
-            yield text[shown:]
-            shown = len(text)
+    tokens = model.stream(torch.tensor([ids[-model.cfg.block_size:]]), settings["len"],
+                          temperature=settings["temp"], top_k=settings["topk"],
+                          top_p=settings["topp"], eos_id=eot, generator=generator)
+    return decode_stream(tok, tokens, stop_ids={eot})
 
 
 def command(line, settings):
@@ -57,8 +49,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
-        model, ckpt = CausalLM.from_checkpoint(args.ckpt)
-        tok = load_tokenizer(ckpt["tokenizer"])
+        model, tok, ckpt = load_run(args.ckpt)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         sys.exit(f"chat.py: cannot load {args.ckpt}: {e}")
     # Sampling settings the /commands change. temp 0.8 with top-k 50 is a common default:

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import CausalLM
-from tokenizer import load_tokenizer
+from model import load_run
+from tokenizer import decode_stream
 
 HERE = Path(__file__).resolve().parent
 
@@ -348,16 +348,14 @@ def complete(model, tok, prompt, max_new_tokens=40, temperature=0.0, generator=N
     """Generate after prompt until `stop` or end of text; return the new text only."""
     ids = tok.encode(prompt)[-model.cfg.block_size // 2:]
     eot = getattr(tok, "special_tokens", {}).get("<|endoftext|>")
-    new = []
-    for nxt in model.stream(torch.tensor([ids]), max_new_tokens, temperature=temperature,
-                            eos_id=eot, generator=generator):
-        if nxt.item() == eot:
-            break
-        new.append(nxt.item())
-        text = tok.decode(new)  # decode the whole answer: one token may be half a character
+    tokens = model.stream(torch.tensor([ids]), max_new_tokens, temperature=temperature,
+                          eos_id=eot, generator=generator)
+    text = ""
+    for piece in decode_stream(tok, tokens, stop_ids={eot}):
+        text += piece
         if stop and stop in text:
             return text[: text.index(stop)]
-    return tok.decode(new)
+    return text
 
 
 def exact_match(model, tok, pairs):
@@ -402,8 +400,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE / "data"))  # the built-in tasks live in data/storyworld.py
     try:
-        model, ckpt = CausalLM.from_checkpoint(args.ckpt)
-        tok = load_tokenizer(ckpt["tokenizer"])
+        model, tok, ckpt = load_run(args.ckpt)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         sys.exit(f"eval.py: cannot load {args.ckpt}: {e}")
     folder = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
@@ -412,8 +409,11 @@ def main(argv=None):
         if task == "ppl":
             if args.file and args.file.endswith(".txt"):
                 ids = tok.encode(Path(args.file).read_text(encoding="utf-8"))
-            else:
+            elif args.file or Path(ckpt["data"], "val.bin").exists():
                 ids = np.memmap(args.file or Path(ckpt["data"], "val.bin"), dtype=np.uint16, mode="r")
+            else:  # a run folder copied away from its data: the other tasks still run
+                print(f"ppl   skipped: the training data {ckpt['data']} is not here; pass --file")
+                continue
             result = perplexity(model, ids, args.stride, tok)
         elif task == "mc":
             if args.file:

@@ -890,3 +890,20 @@ def load_checkpoint(path, map_location="cpu"):
                                 "config/tiny.py) or pass the right --out_dir")
     return torch.load(path, map_location=map_location, weights_only=True)
 #< L08
+#> L09 load-run
+
+
+def load_run(path, device="cpu"):
+    """(model, tokenizer, checkpoint) from a run folder or a ckpt.pt, wherever it was
+    copied: the checkpoint carries its tokenizer's state. Checkpoints written before
+    that stored the tokenizer file's path instead, which still works while the file is
+    there."""
+    from tokenizer import load_tokenizer  # only this helper needs it: model.py stays standalone
+
+    model, ckpt = CausalLM.from_checkpoint(path, device)
+    source = ckpt.get("tokenizer")
+    if source is None or (isinstance(source, str) and not Path(source).exists()):
+        raise FileNotFoundError(f"{path} has no tokenizer (an old checkpoint whose tokenizer file "
+                                f"{source} is gone): prepare the same dataset again, or retrain")
+    return model, load_tokenizer(source), ckpt
+#< L09

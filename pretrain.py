@@ -302,6 +302,36 @@ def estimate_loss(model, batches, iters, autocast):
     return sum(losses) / len(losses)
 
 
+# Keys a resumed run may change. The rest (model shape, data, batch, seed, optimizer kind
+# and betas, weight decay) define what the checkpoint was trained on and how: a change
+# would silently continue a different run.
+RESUMABLE = {
+    "max_iters", "min_lr",  # the schedule's tail: train longer, or end lower
+    "lr", "warmup_iters", "grad_clip",  # the remedies after a loss spike: a lower lr, clipping
+    "eval_interval", "eval_iters", "log_interval", "sample_tokens", "plot",  # what is printed
+    "resume", "device", "dtype", "compile", "peak_flops",  # how it runs, not what it learns
+    "data_dir",  # where the (same) dataset lives now; the tokenizer check catches another one
+}
+
+
+def check_resume(ckpt, cfg, mcfg=None, tok=None):
+    """Refuse to resume a checkpoint into a run that differs from it, naming each
+    difference. Called twice: on the config before data preparation (cheap, fails
+    fast), then on the model config and tokenizer, known once the data is ready."""
+    old_cfg = ckpt.get("config", {})
+    diffs = [f"{k} {old_cfg[k]!r} -> {v!r}" for k, v in cfg.items()
+             if k in old_cfg and k not in RESUMABLE and k not in ModelConfig.__dataclass_fields__
+             and old_cfg[k] != v]
+    if mcfg is not None:  # the model's shape: what the preset and the data made of the config
+        diffs += [f"{k} {old!r} -> {mcfg.__dict__[k]!r}" for k, old in ckpt["model_config"].items()
+                  if mcfg.__dict__.get(k) != old]
+    if tok is not None and isinstance(ckpt.get("tokenizer"), dict) and ckpt["tokenizer"] != tok.state():
+        diffs.append("tokenizer (the dataset was prepared with another one)")
+    if diffs:
+        raise ValueError(f"cannot resume {cfg['out_dir']}: {', '.join(diffs)} differ from the "
+                         "checkpoint; resume with its config, or start anew with another --out_dir")
+
+
 def setup_device(cfg):
     """(ddp, rank, world, device, why). Under torchrun (which sets RANK, WORLD_SIZE,
     LOCAL_RANK) there is one process per device; otherwise one process picks the best."""
@@ -331,8 +361,13 @@ def train(cfg):
     out = Path(cfg["out_dir"])
     ckpt_path, step = out / "ckpt.pt", 0
     ckpt = load_checkpoint(ckpt_path, map_location=device) if cfg["resume"] else None  # fail fast
+    if ckpt:
+        check_resume(ckpt, cfg)
     folder, meta = ensure_data(cfg)
     mcfg = build_model(cfg, meta)
+    tok = load_tokenizer(folder / meta["tokenizer"])
+    if ckpt:
+        check_resume(ckpt, cfg, mcfg, tok)
     torch.manual_seed(cfg["seed"])  # the same init on every rank (DDP also broadcasts rank 0's)
     model = CausalLM(mcfg).to(device)
     optimizer = make_optimizer(model, cfg)
@@ -358,11 +393,10 @@ def train(cfg):
             save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                                         "step": step, "rng": torch.get_rng_state(), "config": cfg,
                                         "model_config": mcfg.__dict__, "data": str(folder),
-                                        "tokenizer": str((folder / meta["tokenizer"]).resolve())})
+                                        "tokenizer": tok.state()})  # the run folder stands alone
 
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "log.jsonl", "a") if master else None
-    tok = load_tokenizer(folder / meta["tokenizer"])
     history, t0, t_start, step0 = {}, time.time(), time.time(), step
     try:
         while step < cfg["max_iters"]:

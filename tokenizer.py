@@ -78,28 +78,40 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
 
+    def state(self):
+        """Everything needed to rebuild the tokenizer, as plain JSON-able values."""
+        return {"format": "intro2llm-char", "version": FORMAT_VERSION, "chars": self.chars}
+
+    @classmethod
+    def from_state(cls, data, where="tokenizer state"):
+        return cls(_check_state(data, "intro2llm-char", where)["chars"])
+
     def save(self, path):
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"format": "intro2llm-char", "version": FORMAT_VERSION, "chars": self.chars}, f)
+            json.dump(self.state(), f)
 
     @classmethod
     def load(cls, path):
-        return cls(_read_json(path, "intro2llm-char")["chars"])
+        return cls.from_state(_read_json(path), path)
 
 
-def _read_json(path, kind):
-    """Parse a tokenizer file, refusing anything that is not ours or not this version."""
+def _read_json(path):
+    """Parse a tokenizer file; `from_state` then checks that it is ours."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read tokenizer file {path}: {e}; "
                          "retrain it with `python tokenizer.py train`") from None
+
+
+def _check_state(data, kind, where):
+    """Refuse a state (from a file or a checkpoint) that is not ours or not this version."""
     kinds = (kind,) if isinstance(kind, str) else kind
     if not isinstance(data, dict) or data.get("format") not in kinds:
-        raise ValueError(f"{path} is not a {' or '.join(kinds)} tokenizer file")
+        raise ValueError(f"{where} is not a {' or '.join(kinds)} tokenizer file")
     if data.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {data.get('version')}, this code reads "
+        raise ValueError(f"{where} has format version {data.get('version')}, this code reads "
                          f"version {FORMAT_VERSION}; retrain it with `python tokenizer.py train`")
     return data
 
@@ -426,17 +438,26 @@ class BPETokenizer:
 
     # ---- saving and inspecting -------------------------------------------
 
-    def save(self, path):
-        """One readable JSON file; merges in learning order as [a, b, new_id]."""
-        data = {"format": "intro2llm-bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
+    def state(self):
+        """Plain lists, dicts, ints and strings: a JSON file's content, and also what a
+        checkpoint stores, since torch.load(weights_only=True) accepts exactly these.
+        Merges in learning order as [a, b, new_id]."""
+        return {"format": "intro2llm-bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
                 "byte_ids": self.byte_ids, "special_tokens": self.special_tokens,
                 "merges": [[a, b, i] for (a, b), i in self.merges.items()]}
+
+    def save(self, path):
+        """One readable JSON file."""
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=0)
+            json.dump(self.state(), f, ensure_ascii=False, indent=0)
 
     @classmethod
     def load(cls, path):
-        data = _read_json(path, "intro2llm-bpe")
+        return cls.from_state(_read_json(path), path)
+
+    @classmethod
+    def from_state(cls, data, where="tokenizer state"):
+        data = _check_state(data, "intro2llm-bpe", where)
         try:
             tok = cls(data["pattern"], data["special_tokens"])
             tok.byte_ids = list(data["byte_ids"])
@@ -444,7 +465,7 @@ class BPETokenizer:
             tok.special_tokens = dict(data["special_tokens"])
             tok._build()
         except (KeyError, TypeError, ValueError, regex.error) as e:
-            raise ValueError(f"tokenizer file {path} is damaged ({type(e).__name__}: {e}); "
+            raise ValueError(f"{where} is damaged ({type(e).__name__}: {e}); "
                              "retrain it with `python tokenizer.py train`") from None
         return tok
 
@@ -476,11 +497,39 @@ def _bpe_parts(token, ranks, max_rank):
 
 
 #> L06 load-any
-def load_tokenizer(path):
-    """Load a saved CharTokenizer or BPETokenizer, whichever the file holds."""
-    kind = _read_json(path, ("intro2llm-char", "intro2llm-bpe"))["format"]
-    return (CharTokenizer if kind == "intro2llm-char" else BPETokenizer).load(path)
+def load_tokenizer(source):
+    """A CharTokenizer or BPETokenizer, whichever `source` holds: a file path, or the
+    state dict a checkpoint carries (so a run folder works wherever it is copied)."""
+    where = "the checkpoint's tokenizer" if isinstance(source, dict) else source
+    data = source if isinstance(source, dict) else _read_json(source)
+    kind = _check_state(data, ("intro2llm-char", "intro2llm-bpe"), where)["format"]
+    return (CharTokenizer if kind == "intro2llm-char" else BPETokenizer).from_state(data, where)
 #< L06
+#> L09 decode-stream
+
+
+def decode_stream(tok, tokens, stop_ids=()):
+    """Yield text pieces as token ids arrive (chat.py prints them as they come).
+
+    subtle: a BPE token can end in the middle of a UTF-8 character, so one
+    token's bytes may not decode alone. We decode everything so far and hold
+    the text back while its tail is incomplete (U+FFFD), yielding only the new
+    part. Stops at the first id in stop_ids (not yielded).
+    >>> tok = BPETokenizer()  # bytes only: "é" is two tokens, 0xC3 0xA9
+    >>> list(decode_stream(tok, [104, 0xC3, 0xA9, 33, 0, 104], stop_ids={0}))
+    ['h', 'é', '!']
+    """
+    new, shown = [], 0
+    for t in tokens:
+        t = int(t)  # a 0-d or one-element tensor from model.stream, or an int
+        if t in stop_ids:
+            return
+        new.append(t)
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):
+            yield text[shown:]
+            shown = len(text)
+#< L09
 
 
 # -----------------------------------------------------------------------------

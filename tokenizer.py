@@ -42,6 +42,18 @@ import regex  # the `regex` package (tiktoken depends on it): \p{L} classes, pos
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 
+#> L10 chat-tokens
+# The chat template's structure tokens (lesson 10). A conversation is one token
+# stream; these mark where it begins and where each role's turn starts and ends.
+# Being special tokens, they are single ids that no user text can spell: encode()
+# refuses their text in content, so "<|user_end|>" typed by a user stays letters.
+CHAT_TOKENS = [
+    "<|bos|>",  # begin of conversation: the model's first input, attends-to-anchor
+    "<|system_start|>", "<|system_end|>",  # optional instructions for the whole chat
+    "<|user_start|>", "<|user_end|>",  # what the person says
+    "<|assistant_start|>", "<|assistant_end|>",  # what the model says; _end = stop generating
+]
+#< L10
 NEVER = float("inf")  # the rank of a pair that was never merged
 FORMAT_VERSION = 1  # bump when the JSON layout changes; load() refuses other versions
 
@@ -491,6 +503,54 @@ class BPETokenizer:
         tok._build()
         return tok
 
+    #> L10 template exercise
+    # ---- the chat template (lesson 10) -------------------------------------
+
+    def render_conversation(self, messages, for_completion=False):
+        """A conversation -> (ids, mask): the token stream and which tokens to learn.
+
+        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...],
+        an optional system message first, then user and assistant alternating.
+        The layout, one line per turn (spaces here only for reading):
+
+            <|bos|> <|system_start|> Be brief. <|system_end|>
+            <|user_start|> 2+2? <|user_end|>
+            <|assistant_start|> 4 <|assistant_end|>       mask 1 on "4 <|assistant_end|>"
+
+        mask[i] = 1 exactly where ids[i] is something the model must learn to
+        say: each assistant turn's content and its end token (so it learns when
+        to stop). Everything else -- structure, system, user -- is context.
+        for_completion=True renders the prompt for generating the next reply: the
+        last message must be the user's, and the stream ends with
+        <|assistant_start|>, where the model takes over.
+
+        Content is encoded with every special token disallowed: a user who
+        types "<|user_end|>" gets an error, never a structure token.
+        """
+        if missing := [t for t in CHAT_TOKENS if t not in self.special_tokens]:
+            raise ValueError(f"this tokenizer has no chat tokens {missing}: rebuild it with "
+                             "`python data/prepare.py storyworld` (it reserves them) and pretrain again")
+        if not messages:
+            raise ValueError("a conversation needs at least one message")
+        sp = self.special_tokens
+        ids, mask = [sp["<|bos|>"]], [0]
+        for i, msg in enumerate(messages):
+            role, content = _check_message(messages, i, for_completion)
+            try:  # subtle: the default disallowed_special="all" is what keeps text out of structure
+                body = self.encode(content)
+            except ValueError as e:
+                raise ValueError(f"message {i} ({role}): {e}") from None
+            learn = int(role == "assistant")
+            ids += [sp[f"<|{role}_start|>"], *body, sp[f"<|{role}_end|>"]]
+            # The start token is a given (we put it there); the content and the end token
+            # are the reply the model must produce, ending included.
+            mask += [0] + [learn] * (len(body) + 1)
+        if for_completion:
+            ids.append(sp["<|assistant_start|>"])
+            mask.append(0)
+        return ids, mask
+    #< L10
+
     # ---- saving and inspecting -------------------------------------------
 
     def state(self):
@@ -584,6 +644,82 @@ def _bpe_parts(token, ranks, max_rank):
     return parts
 
 
+#> L10 conversations
+# -----------------------------------------------------------------------------
+# Conversations: the rules of the template, and chat JSONL files
+
+
+def _check_message(messages, i, for_completion):
+    """(role, content) of messages[i], or a ValueError saying what breaks the template:
+    system only first, then user, assistant, user, ... ending where the use needs it."""
+    msg, role_of = messages[i], lambda m: m.get("role") if isinstance(m, dict) else None
+    if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
+        raise ValueError(f"message {i} must be {{\"role\": ..., \"content\": \"text\"}}, got {msg!r}")
+    role = msg.get("role")
+    if role not in ("system", "user", "assistant"):
+        raise ValueError(f"message {i} has unknown role {role!r}; use system, user or assistant")
+    first = 1 if role_of(messages[0]) == "system" else 0  # index of the first user turn
+    expected = "system" if i < first else ("user", "assistant")[(i - first) % 2]
+    if role != expected:
+        raise ValueError(f"message {i} is {role!r} where {expected!r} was expected: a conversation "
+                         "is an optional system message, then user and assistant turns alternating")
+    if i == len(messages) - 1 and role != ("user" if for_completion else "assistant"):
+        raise ValueError("a conversation to generate from must end with a user message" if for_completion
+                         else "a training conversation must end with an assistant message")
+    return role, msg["content"]
+
+
+def _alpaca(row):
+    """Convert an Alpaca line {"instruction", "input", "output"} (Taori et al. 2023) to
+    messages: the instruction and the optional input form the user turn.
+
+    >>> _alpaca({"instruction": "Add.", "input": "2+2", "output": "4"})
+    [{'role': 'user', 'content': 'Add.\\n\\n2+2'}, {'role': 'assistant', 'content': '4'}]
+    """
+    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+
+
+def read_conversations(path, tok=None):
+    """Every conversation of a JSONL file as a list of messages, checked up front.
+
+    Each line is {"messages": [...]} (the format of OpenAI's fine-tuning API and
+    of Hugging Face chat datasets) or an Alpaca line, converted on read. A bad
+    line raises ValueError naming the file, the line and the problem, before any
+    training starts. Every conversation ends with an assistant message: the
+    target in training, the reference answer in eval and RL. With `tok`, the
+    result is each conversation rendered, (ids, mask) (what sft.py trains on),
+    so special-token text in content is caught with its line number too.
+    """
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # blank lines, e.g. a trailing one, carry nothing
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                if "messages" in row:
+                    messages = row["messages"]
+                elif {"instruction", "output"} <= row.keys():
+                    messages = _alpaca(row)
+                else:
+                    raise ValueError(f"expected a \"messages\" list or Alpaca keys instruction/input/"
+                                     f"output, got keys {sorted(row)}")
+                if not isinstance(messages, list) or not messages:
+                    raise ValueError("\"messages\" must be a non-empty list")
+                for i in range(len(messages)):
+                    _check_message(messages, i, False)
+                out.append(messages if tok is None else tok.render_conversation(messages))
+            except (ValueError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"{path}:{n}: {e}") from None
+    if not out:
+        raise ValueError(f"{path} holds no conversations")
+    return out
+#< L10
+
+
 #> L06 load-any
 def load_tokenizer(source):
     """A CharTokenizer or BPETokenizer, whichever `source` holds: a file path, or the
@@ -637,6 +773,23 @@ def show(tok, text, color=None):
     return f"{line}\n{len(ids)} tokens: {ids}"
 
 
+#> L10 show-chat
+def show_conversation(tok, messages, color=None):
+    """The rendered conversation with the supervised tokens (mask 1) highlighted:
+    green on a terminal, [in brackets] otherwise. The picture of the loss mask."""
+    color = sys.stdout.isatty() if color is None else color
+    ids, mask = tok.render_conversation(messages)
+    out, prev = [], 0
+    for i, m in zip(ids, mask):
+        if m != prev:  # a supervised span opens or closes here
+            out.append(("\x1b[42m\x1b[30m" if m else "\x1b[0m") if color else ("[" if m else "]"))
+            prev = m
+        out.append(tok.decode([i]))
+    out.append(("\x1b[0m" if color else "]") if prev else "")
+    return f"{''.join(out)}\n{len(ids)} tokens, {sum(mask)} supervised (the loss is computed on these)"
+#< L10
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Train or inspect a byte-level BPE tokenizer.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -649,11 +802,27 @@ def main(argv=None):
     sh = sub.add_parser("show", help="show how a saved tokenizer splits some text")
     sh.add_argument("path")
     sh.add_argument("text")
+    #> L10 show-chat
+    ch = sub.add_parser("chat", help="show a conversation of a chat JSONL file and its loss mask")
+    ch.add_argument("path")
+    ch.add_argument("--index", type=int, default=0, help="which conversation (0 = the first)")
+    ch.add_argument("--tokenizer", default="data/storyworld/tokenizer.json")
+    #< L10
     args = ap.parse_args(argv)
 
     if args.cmd == "show":
         print(show(BPETokenizer.load(args.path), args.text))
         return
+    #> L10 show-chat
+    if args.cmd == "chat":
+        tok = BPETokenizer.load(args.tokenizer)
+        try:
+            conversations = read_conversations(args.path)
+            print(show_conversation(tok, conversations[args.index]))
+        except (ValueError, IndexError, OSError) as e:
+            sys.exit(f"tokenizer.py chat: {e}")
+        return
+    #< L10
     with open(args.input, encoding="utf-8") as f:
         text = f.read()
     pattern = GPT2_SPLIT_PATTERN if args.pattern == "gpt2" else GPT4_SPLIT_PATTERN

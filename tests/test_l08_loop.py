@@ -44,19 +44,12 @@ def test_training_lowers_the_loss_and_writes_checkpoint_and_log(data_dir, tmp_pa
     assert {"step", "tokens", "train_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s"} <= log[0].keys()
 
 
-def test_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
+def test_resume_is_bit_identical(data_dir, tmp_path, monkeypatch, ctrl_c_at):
     """20 steps straight == 10 steps, Ctrl-C, resume, 10 more: every parameter bit-equal.
     Guards everything a resume must restore: weights, optimizer moments, step, lr
     schedule, the data position and the RNG (dropout is on)."""
     pretrain.train(config(data_dir, tmp_path / "straight", dropout=0.1, eval_interval=7))
-    real_get_lr = pretrain.get_lr
-
-    def ctrl_c_at_10(it, cfg):
-        if it == 10:
-            raise KeyboardInterrupt
-        return real_get_lr(it, cfg)
-
-    monkeypatch.setattr(pretrain, "get_lr", ctrl_c_at_10)
+    ctrl_c_at(pretrain, 10)
     assert pretrain.train(config(data_dir, tmp_path / "split", dropout=0.1, eval_interval=7))["step"] == 10
     monkeypatch.undo()
     pretrain.train(config(data_dir, tmp_path / "split", dropout=0.1, eval_interval=7, resume=True))

@@ -29,12 +29,20 @@ Shao et al. 2024, "DeepSeekMath" (GRPO); Yu et al. 2025, "DAPO"; Liu et al.
 """
 
 import copy
-import math
+import json
 import re
+import sys
+import time
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model import (check_resume, exact_match, load_checkpoint, load_run, resume_training, run_main,
+                   save_checkpoint, setup_device, setup_precision, training_state)
+from tokenizer import read_conversations
 
 # -----------------------------------------------------------------------------
 # Config: every key a run can set, with its default. A config file or
@@ -45,7 +53,7 @@ DEFAULTS = dict(
     init="out/sft",  # the run folder (or ckpt.pt) to start from: lesson 10's SFT model
     out_dir="",  # empty: out/<method>
     seed=1337,
-    lr=1e-5,
+    lr=1e-4,
     weight_decay=0.0,
     grad_clip=1.0,  # max global gradient norm; 0 disables
     batch_size=8,  # DPO/reward: pairs per step
@@ -54,13 +62,18 @@ DEFAULTS = dict(
     eval_interval=50,
     eval_examples=200,  # held-out questions for exact match before/after
     device="auto",
-    dtype="auto",
+    dtype="float32",  # exact log-probs and ratios; "auto": bf16 autocast where native (faster)
     resume=False,
     # DPO: defaults as TRL's DPOConfig
     beta=0.1,  # how far from the reference the policy may move: small beta, far
     loss_type="sigmoid",  # "sigmoid" (DPO), "ipo", "hinge"
     label_smoothing=0.0,  # conservative DPO: the probability that a label is flipped
     reference="precompute",  # "precompute" the reference log-probs once, or keep a frozen "copy"
+    data="data/dpo/train.jsonl",  # preference pairs (python data/prepare.py dpo)
+    val_data="data/dpo/val.jsonl",  # held-out pairs, about held-out stories
+    eval_pairs=300,  # held-out pairs for the preference accuracy
+    eval_story="data/sft/eval_story.jsonl",  # held-out questions for exact match (lesson 10)
+    eval_arith="data/sft/eval_arith.jsonl",
 )
 #< L11
 #> L12 config
@@ -75,6 +88,7 @@ DEFAULTS.update(
     temperature=1.0,  # 1: the samples come from the very policy whose log-probs we use
     nonend_penalty=1.0,  # subtracted from the score of a response that never ends
     # PPO: defaults as TRL's last PPOConfig
+    prompts="data/sft/train.jsonl",  # chat JSONL: questions with reference answers
     kl_coef=0.05,  # beta_KL of the per-token penalty (GRPO's beta, lesson 13)
     kl_estimator="k1",  # "k1" (log-ratio) or "k3" (always >= 0), see kl_estimate
     max_kl=5.0,  # the bound the run promises: mean KL per response to the reference (nats)
@@ -235,6 +249,68 @@ def reference_logprobs(ref, ids, mask):
     return out
 
 
+# -----------------------------------------------------------------------------
+# Preference data: TRL's format, one JSON object per line
+#   {"prompt": "...", "chosen": "...", "rejected": "..."}             plain text, or
+#   {"prompt": [messages], "chosen": [messages], "rejected": [messages]}  chat
+
+
+def encode_preference(tok, row):
+    """One pair -> (chosen_ids, chosen_mask, rejected_ids, rejected_mask), mask 1 on
+    the answer only. Message lists go through the chat template of lesson 10."""
+    prompt, out = row["prompt"], []
+    for answer in (row["chosen"], row["rejected"]):
+        if isinstance(prompt, str) and isinstance(answer, str):
+            p, a = tok.encode(prompt, allowed_special="all"), tok.encode(answer, allowed_special="all")
+            out += [p + a, [0] * len(p) + [1] * len(a)]
+        elif isinstance(prompt, list) and isinstance(answer, list):
+            ids, mask = tok.render_conversation(prompt + answer)
+            # Only the last answer is judged: earlier assistant turns of the prompt are context.
+            P = len(tok.render_conversation(prompt, for_completion=True)[0])
+            out += [list(ids), [0] * P + list(mask[P:])]
+        else:
+            raise ValueError("prompt, chosen and rejected must be all strings or all message lists")
+    return tuple(out)
+
+
+def read_preferences(path, tok, block_size, limit=None, log=print):
+    """The first `limit` pairs (None: all) of a preference JSONL file, encoded; a bad
+    line fails with its number. Pairs longer than the context are dropped, and counted."""
+    pairs, too_long = [], 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if limit is not None and len(pairs) == limit:
+                break
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not {"prompt", "chosen", "rejected"} <= row.keys():
+                    raise ValueError('expected a JSON object with keys "prompt", "chosen", "rejected"')
+                pair = encode_preference(tok, row)
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
+            if max(len(pair[0]), len(pair[2])) > block_size:
+                too_long += 1
+                continue
+            pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"{path} holds no pair that fits in {block_size} tokens")
+    log(f"{path}: {len(pairs):,} pairs" + (f" ({too_long} longer than {block_size} tokens dropped)" if too_long else ""))
+    return pairs
+
+
+@torch.no_grad()
+def precompute_reference(ref, pairs, batch_size, device):
+    """(N, 2) summed reference log-probs (chosen, rejected) of every pair, once."""
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        ids, mask = collate_pairs(pairs[i:i + batch_size], device)
+        logps = reference_logprobs(ref, ids, mask)[0]  # (2b,)
+        out.append(logps.view(2, -1).T)  # (b, 2)
+    return torch.cat(out)
+
+
 def dpo_step(policy, ids, mask, ref_logps, cfg):
     """DPO loss and metrics for one batch from collate_pairs; ref_logps (2B,) summed.
 
@@ -252,8 +328,83 @@ def dpo_step(policy, ids, mask, ref_logps, cfg):
     # fall (probability flows to answers in neither set) -- a known failure mode.
     metrics = {"loss": loss.item(), "reward_acc": (chosen_r > rejected_r).float().mean().item(),
                "margin": (chosen_r - rejected_r).mean().item(),
-               "logp_chosen": logps[:B].mean().item(), "logp_rejected": logps[B:].mean().item()}
+               "logp_chosen": logps[:B].mean().item(), "logp_rejected": logps[B:].mean().item(),
+               "logp_acc": (logps[:B] > logps[B:]).float().mean().item()}
     return loss, metrics
+
+
+def batch_indices(n, batch_size, step, seed):
+    """Which of n examples step `step` trains on: a fresh shuffle every epoch, a
+    function of (seed, step) only -- so a resumed run sees the same batches."""
+    epoch, k = divmod(step, max(1, n // batch_size))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[k * batch_size:(k + 1) * batch_size]
+
+
+def setup_dpo(policy, tok, cfg, device, log):
+    """DPO's part of the run: the pairs, the reference, one step, the held-out check."""
+    # One epoch of what the run will see: every pair is read (and its reference scored) once.
+    train = read_preferences(cfg["data"], tok, policy.cfg.block_size, cfg["max_iters"] * cfg["batch_size"], log)
+    val = read_preferences(cfg["val_data"], tok, policy.cfg.block_size, cfg["eval_pairs"], log)
+    # The reference is always the init model, also when resuming (the policy has moved).
+    ref = frozen_copy(load_run(cfg["init"], device)[0])
+    ref_train = ref_val = None
+    if cfg["reference"] == "precompute":
+        t0 = time.time()
+        ref_train, ref_val = (precompute_reference(ref, p, cfg["batch_size"], device) for p in (train, val))
+        log(f"reference log-probs of {len(train) + len(val):,} pairs precomputed in {time.time() - t0:.1f}s")
+        ref = None  # not needed any more: the memory of a second model is free again
+    elif cfg["reference"] != "copy":
+        raise ValueError(f"unknown reference {cfg['reference']!r}; choose precompute or copy")
+
+    def ref_logps(pairs, idx, table):
+        if table is not None:
+            return torch.cat([table[idx, 0], table[idx, 1]])  # (2b,): chosen, then rejected
+        return reference_logprobs(ref, *collate_pairs([pairs[j] for j in idx], device))[0]
+
+    def step(i, optimizer):
+        idx = batch_indices(len(train), cfg["batch_size"], i, cfg["seed"])
+        ids, mask = collate_pairs([train[j] for j in idx], device)
+        loss, metrics = dpo_step(policy, ids, mask, ref_logps(train, idx, ref_train), cfg)
+        update(optimizer, loss, cfg["grad_clip"])
+        return metrics
+
+    @torch.no_grad()
+    def evaluate():
+        """Held-out pairs: pref_acc, the implicit reward ranks chosen first (0 at step 0:
+        both rewards are 0, a tie); logp_acc, the policy alone finds chosen more likely."""
+        policy.eval()
+        pref = logp = 0.0
+        for i in range(0, len(val), cfg["batch_size"]):
+            idx = torch.arange(i, min(i + cfg["batch_size"], len(val)))
+            ids, mask = collate_pairs([val[j] for j in idx], device)
+            m = dpo_step(policy, ids, mask, ref_logps(val, idx, ref_val), cfg)[1]
+            pref, logp = pref + m["reward_acc"] * len(idx), logp + m["logp_acc"] * len(idx)
+        policy.train()
+        return {"pref_acc": pref / len(val), "logp_acc": logp / len(val)}
+
+    return {"module": policy, "policy": policy, "step": step, "evaluate": evaluate,
+            "plot": ["loss", "reward_acc", "logp_chosen", "logp_rejected"]}
+
+
+def update(optimizer, loss, grad_clip):
+    """One optimizer step on `loss`, gradients clipped to a global norm of grad_clip.
+
+    Under torchrun every process has computed its gradient on its own batch; the
+    all-reduce makes each process step with the mean, so the copies stay equal.
+    (DDP does this inside backward(); here the policy, the critic and generate()
+    are simpler to keep unwrapped.)
+    """
+    optimizer.zero_grad(set_to_none=True)  # None, not zeros: frees memory, skips a fill
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if dist.is_initialized():
+        for p in params:
+            dist.all_reduce(p.grad)  # a sum (gloo has no AVG): divide by the process count
+            p.grad /= dist.get_world_size()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
 #< L11
 #> L12 ppo
 
@@ -493,15 +644,6 @@ def sample_and_score(policy, examples, reward_fn, cfg, eos_id, generator):
     return ids, mask, ended, [reward_fn(*row) for row in rows]
 
 
-def update(optimizer, loss, grad_clip):
-    """One optimizer step on `loss`, gradients clipped to a global norm of grad_clip."""
-    optimizer.zero_grad(set_to_none=True)  # None, not zeros: frees memory, skips a fill
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-    optimizer.step()
-
-
 # -----------------------------------------------------------------------------
 # One PPO iteration: sample, score, estimate advantages, update
 
@@ -540,11 +682,116 @@ def ppo_iteration(policy, critic, ref, examples, score_fn, optimizer, cfg, eos_i
     pg, vf, cf, ak = (sum(s[i] for s in stats) / len(stats) for i in range(4))
     valid = mask.bool()
     explained = 1 - (returns - old_values)[valid].var() / returns[valid].var().clamp(min=1e-8)
-    return {"score": scores.mean().item(), "kl": kl.sum(-1).mean().item(),
+    k1 = kl_estimate(old_logp, ref_logp, "k1") * mask  # logged as k1 whatever the penalty uses
+    return {"score": scores.mean().item(), "kl": k1.sum(-1).mean().item(),
             "policy_loss": pg, "value_loss": vf, "clip_frac": cf, "approx_kl": ak,
             # -log pi of sampled tokens averages to the entropy: a free Monte Carlo estimate
             "entropy": -masked_mean(old_logp, mask).item(), "explained_var": explained.item(),
             "length": mask.sum(-1).mean().item(), "ended": ended.float().mean().item()}
+
+
+# -----------------------------------------------------------------------------
+# The reward model's and PPO's part of the run
+
+
+def load_reward_model(path, device):
+    """A reward model saved by `align.py config/reward.py`, frozen."""
+    from model import CausalLM, ModelConfig
+
+    ckpt = load_checkpoint(Path(path) / "ckpt.pt" if Path(path).is_dir() else path, device)
+    if not ckpt.get("scalar_head"):
+        raise ValueError(f"{path} is not a reward model; train one: python align.py config/reward.py")
+    rm = with_scalar_head(CausalLM(ModelConfig(**ckpt["model_config"])))
+    rm.load_state_dict(ckpt["model"])
+    return frozen_copy(rm.to(device))
+
+
+def setup_reward(policy, tok, cfg, device, log):
+    """The reward model trains on the DPO pairs: its score ranks chosen above rejected."""
+    train = read_preferences(cfg["data"], tok, policy.cfg.block_size, cfg["max_iters"] * cfg["batch_size"], log)
+    val = read_preferences(cfg["val_data"], tok, policy.cfg.block_size, cfg["eval_pairs"], log)
+    rm = with_scalar_head(policy)
+    rm.train()
+
+    def scores(pairs, idx):
+        ids, mask = collate_pairs([pairs[j] for j in idx], device)
+        r = reward_scores(rm, ids, mask)  # (2b,): chosen, then rejected
+        return r[:len(idx)], r[len(idx):]
+
+    def step(i, optimizer):
+        rc, rr = scores(train, batch_indices(len(train), cfg["batch_size"], i, cfg["seed"]))
+        loss = reward_model_loss(rc, rr)
+        update(optimizer, loss, cfg["grad_clip"])
+        return {"loss": loss.item(), "acc": (rc > rr).float().mean().item(), "margin": (rc - rr).mean().item()}
+
+    @torch.no_grad()
+    def evaluate():  # held-out pair accuracy
+        rm.eval()
+        right = sum((lambda c, r: (c > r).sum().item())(*scores(val, torch.arange(i, min(i + cfg["batch_size"], len(val)))))
+                    for i in range(0, len(val), cfg["batch_size"]))
+        rm.train()
+        return {"pair_acc": right / len(val)}
+
+    return {"module": rm, "policy": None, "step": step, "evaluate": evaluate, "plot": ["loss", "acc"],
+            "checkpoint": {"scalar_head": True}}
+
+
+def read_prompts(path, tok, task):
+    """RL prompts from a chat JSONL: each conversation's first question of the task
+    ("arith": an integer answer; "story": any other), the reference answer beside it."""
+    examples = []
+    for chat in read_conversations(path):
+        k = next(i for i, m in enumerate(chat) if m["role"] == "assistant")
+        answer = chat[k]["content"]
+        if (task == "arith") == bool(re.fullmatch(r"-?\d+", answer.strip())):
+            examples.append({"prompt": list(tok.render_conversation(chat[:k], for_completion=True)[0]),
+                             "answer": answer})
+    if not examples:
+        raise ValueError(f"{path} holds no {task!r} questions")
+    return examples
+
+
+def setup_rl(policy, tok, cfg, device, log):
+    """What PPO and GRPO share: prompts of the task, the end token, the frozen reference."""
+    examples = read_prompts(cfg["prompts"], tok, cfg["task"])
+    log(f"{cfg['prompts']}: {len(examples):,} {cfg['task']} prompts")
+    eos_id = tok.special_tokens["<|assistant_end|>"]
+    ref = frozen_copy(load_run(cfg["init"], device)[0])  # the SFT model, also when resuming
+
+    def batch(i):  # prompts of iteration i, and its sampling noise: a function of (seed, i)
+        idx = batch_indices(len(examples), cfg["prompts_per_iter"], i, cfg["seed"])
+        return [examples[j] for j in idx], torch.Generator(device).manual_seed(cfg["seed"] + i)
+
+    return examples, eos_id, ref, batch
+
+
+def setup_ppo(policy, tok, cfg, device, log):
+    examples, eos_id, ref, batch = setup_rl(policy, tok, cfg, device, log)
+    if cfg["reward"] == "model":
+        rm = load_reward_model(cfg["reward_init"], device)
+
+        def score(answer, ended, ex):  # the sequence the reward model was trained on
+            ids = ex["prompt"] + answer + [eos_id] * ended
+            x = torch.tensor([ids], device=device)
+            return reward_scores(rm, x, torch.ones_like(x)).item()
+    elif cfg["reward"] == "rule":
+        def score(answer, ended, ex):
+            return correct(tok.decode(answer), ex["answer"])
+    else:
+        raise ValueError(f"unknown reward {cfg['reward']!r}; choose rule or model")
+    # The critic: a copy of the SFT model with a scalar head. A separate network
+    # (not a second head on the policy's trunk) costs a second model, but the value
+    # loss cannot pull the policy's features around -- on a ~1M-parameter model the
+    # copy is cheap. The head starts at 0: V = 0 until the first returns come in.
+    critic = with_scalar_head(policy)
+
+    def step(i, optimizer):
+        prompts, generator = batch(i)
+        return ppo_iteration(policy, critic, ref, prompts, score, optimizer, cfg, eos_id, generator)
+
+    return {"module": policy, "policy": policy, "step": step, "evaluate": dict,
+            "params": list(policy.parameters()) + list(critic.parameters()),
+            "extra": {"critic": critic}, "plot": ["score", "kl"]}
 #< L12
 #> L13 grpo
 
@@ -641,7 +888,7 @@ def grpo_iteration(policy, ref, examples, reward_fn, optimizer, cfg, eos_id, gen
     advantages = grpo_advantages(rewards, G, cfg["adv_scale"])
     with torch.no_grad():
         old_logp = token_logprobs(policy, ids) * mask
-        ref_logp = token_logprobs(ref, ids) * mask if ref is not None else old_logp
+        ref_logp = token_logprobs(ref, ids) * mask  # also at beta = 0: the KL is still measured
     stats = []
     for _ in range(cfg["mu"]):  # mu = 1: the one update sees ratio = 1, purely on-policy
         order = torch.randperm(len(ids), generator=generator)
@@ -658,3 +905,158 @@ def grpo_iteration(policy, ref, examples, reward_fn, optimizer, cfg, eos_id, gen
             "loss": sum(s[0] for s in stats) / len(stats), "clip_frac": sum(s[1] for s in stats) / len(stats),
             "entropy": -masked_mean(old_logp, mask).item(), "length": mask.sum(-1).mean().item()}
 #< L13
+#> L13 grpo
+
+
+def setup_grpo(policy, tok, cfg, device, log):
+    examples, eos_id, ref, batch = setup_rl(policy, tok, cfg, device, log)
+
+    def reward(answer, ended, ex):
+        return {"correct": correct(tok.decode(answer), ex["answer"]),
+                "format": format_reward(answer, ended, cfg["max_new_tokens"] // 2)}
+
+    def step(i, optimizer):
+        prompts, generator = batch(i)
+        return grpo_iteration(policy, ref, prompts, reward, optimizer, cfg, eos_id, generator)
+
+    return {"module": policy, "policy": policy, "step": step, "evaluate": dict,
+            "plot": ["reward", "correct", "kl"]}
+#< L13
+#> L11 align
+
+# -----------------------------------------------------------------------------
+# The run: one loop for every method
+
+SETUPS = {
+    "dpo": setup_dpo,
+    #> L12 setups
+    "reward": setup_reward,
+    "ppo": setup_ppo,
+    #< L12
+    #> L13 setups
+    "grpo": setup_grpo,
+    #< L13
+}
+
+
+def held_out_exact_match(model, tok, path, n, log):
+    """Greedy exact match on the first n questions of a held-out chat JSONL (lesson 10)."""
+    r = exact_match(model, tok, read_conversations(path)[:n])
+    model.train()
+    log(f"exact match {Path(path).stem}: {r['accuracy']:.1%} (95% CI {r['ci_low']:.1%}-{r['ci_high']:.1%}, n={r['n']})")
+    return {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
+
+
+def train(cfg, log=print):
+    """Run cfg["method"] from cfg["init"]; returns {"step", "before", "after", "seconds"}."""
+    if cfg["method"] not in SETUPS:
+        raise ValueError(f"unknown method {cfg['method']!r}; choose one of {sorted(SETUPS)}")
+    t_start = time.time()
+    ddp, rank, world, device, why = setup_device(cfg)
+    master = rank == 0  # only one process evaluates, logs and writes files
+    log = log if master else (lambda *a, **k: None)
+    autocast, _, precision = setup_precision(device, cfg["dtype"])
+    log(f"device: {why}; precision: {precision}")
+    out = Path(cfg["out_dir"] or f"out/{cfg['method']}")
+    ckpt = load_checkpoint(out / "ckpt.pt", device) if cfg["resume"] else None  # fail fast
+    if ckpt:  # the keys that may change on a resume; any other difference is refused
+        check_resume(ckpt, {**cfg, "out_dir": str(out)}, {"resume", "max_iters", "log_interval",
+                                                           "eval_interval", "eval_examples", "device"})
+    torch.manual_seed(cfg["seed"])
+    policy, tok, _ = load_run(cfg["init"], device)
+    policy.train()
+    run = SETUPS[cfg["method"]](policy, tok, cfg, device, log)
+    optimizer = torch.optim.AdamW(run.get("params", run["module"].parameters()), lr=cfg["lr"],
+                                  weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
+    task = "story" if cfg["method"] == "dpo" else cfg["task"]
+    step, before = 0, None
+    if ckpt:
+        step, before = resume_training(ckpt, run["module"], optimizer), ckpt["before"]
+        for name, module in run.get("extra", {}).items():
+            module.load_state_dict(ckpt[name])
+        log(f"resumed from {out / 'ckpt.pt'} at step {step}")
+
+    def evaluate(final):  # the method's own held-out number; exact match at the start and end
+        result = run["evaluate"]()
+        if run["policy"] is not None and final and cfg["eval_examples"]:
+            result["exact_match"] = held_out_exact_match(run["policy"], tok, cfg[f"eval_{task}"],
+                                                         cfg["eval_examples"], log)
+        return result
+
+    if master and before is None:
+        log("before:")
+        before = evaluate(True)
+        log(f"  {before}")
+
+    def checkpoint():
+        if master:
+            extra = {name: m.state_dict() for name, m in run.get("extra", {}).items()}
+            save_checkpoint(out / "ckpt.pt", training_state(run["module"], optimizer, step, cfg, tok, before=before,
+                                                            **extra, **run.get("checkpoint", {})))
+
+    out.mkdir(parents=True, exist_ok=True)
+    logfile = open(out / "log.jsonl", "a") if master else None
+    t0, rows, row = time.time(), [], {}
+    try:
+        while step < cfg["max_iters"]:
+            with autocast:  # each process its own batch: number (step, rank) of the stream
+                rows.append(run["step"](step * world + rank, optimizer))
+            step += 1
+            if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
+                row = {"step": step, **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0]},
+                       "s_per_step": (time.time() - t0) / len(rows)}
+                if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
+                    if master:
+                        row.update(evaluate(False))
+                    checkpoint()
+                log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+                if master:
+                    logfile.write(json.dumps(row) + "\n")
+                    logfile.flush()
+                t0, rows = time.time(), []
+    except KeyboardInterrupt:  # Ctrl-C: keep what was learned, exit cleanly
+        log(f"\ninterrupted at step {step}: saving {out / 'ckpt.pt'}")
+        checkpoint()
+        return {"step": step, "before": before}
+    finally:
+        if logfile:
+            logfile.close()
+    if not master:
+        return {"step": step}
+    log("after:")
+    after = evaluate(True)
+    seconds = time.time() - t_start
+    log(f"  {after}\n{cfg['method']}: {step} steps in {seconds / 60:.1f} min")
+    if "kl" in row:  # PPO and GRPO promise to stay near the reference
+        log(f"KL to the reference at the end: {row['kl']:.3f} nats per answer "
+            f"({'within' if row['kl'] <= cfg['max_kl'] else 'ABOVE'} the bound max_kl = {cfg['max_kl']})")
+    (out / "eval.json").write_text(json.dumps({"before": before, "after": after, "seconds": seconds}, indent=2))
+    plot(out, run["plot"])
+    return {"step": step, "before": before, "after": after, "seconds": seconds}
+
+
+def plot(out, keys):
+    """log.jsonl -> curves.png: the method's main curves against steps."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: pip install matplotlib to get curves.png")
+        return
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.5 * len(keys), 3))
+    for ax, key in zip(axes, keys):
+        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], marker=".")
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    print(f"wrote {out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    run_main("align.py", DEFAULTS, train, sys.argv[1:])
+#< L11

@@ -1,6 +1,7 @@
 #> L11 tests
 """Lesson 11: sequence log-probs, the DPO loss and its variants, the reference, a tiny DPO run."""
 
+import json
 import math
 
 import pytest
@@ -203,4 +204,86 @@ def test_tiny_dpo_ranks_every_chosen_answer_first():
         opt.step()
     lp = align.sequence_logprobs(policy, ids, mask)[0]
     assert (lp[:5] > lp[5:]).all() and m["reward_acc"] == 1.0 and loss.item() < 0.3
+
+
+# -----------------------------------------------------------------------------
+# Data and the run, end to end on a tiny checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny chat-capable run folder: BPE with the chat tokens, a 2-layer model."""
+    from model import save_checkpoint
+    from tokenizer import CHAT_TOKENS, BPETokenizer
+
+    root = tmp_path_factory.mktemp("run")
+    text = "Tom had a red ball. Where did Tom play? the park. What is 2 + 3? 5 " * 20
+    tok = BPETokenizer(special_tokens=["<|endoftext|>"] + CHAT_TOKENS).train(text, 300)
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    save_checkpoint(root / "sft" / "ckpt.pt", {"model": model.state_dict(), "model_config": model.cfg.__dict__,
+                                               "tokenizer": tok.state()})
+    pairs = [{"prompt": [{"role": "user", "content": f"Tom had a {c} ball. What colour?"}],
+              "chosen": [{"role": "assistant", "content": c}],
+              "rejected": [{"role": "assistant", "content": w}]}
+             for c, w in [("red", "blue"), ("blue", "red"), ("green", "red"), ("red", "green")] * 4]
+    for name in ("train", "val"):
+        (root / f"{name}.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    (root / "eval.jsonl").write_text("\n".join(json.dumps({"messages": p["prompt"] + p["chosen"]}) for p in pairs))
+    return root, tok
+
+
+def test_preference_lines_in_both_formats_and_bad_lines(tiny_run, tmp_path):
+    """Strings and message lists both load, the mask covers the final answer only (a
+    prompt's earlier assistant turn is context), and a malformed line names its number."""
+    root, tok = tiny_run
+    chat = {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Tom"},
+                       {"role": "user", "content": "Again"}],
+            "chosen": [{"role": "assistant", "content": "red"}], "rejected": [{"role": "assistant", "content": "5"}]}
+    text = {"prompt": "What is 2 + 3?", "chosen": " 5", "rejected": " 6"}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(chat) + "\n\n" + json.dumps(text) + "\n")
+    (c, cm, r, rm), (tc, tcm, tr, trm) = align.read_preferences(path, tok, 64)
+    ids, _ = tok.render_conversation(chat["prompt"] + chat["chosen"])
+    assert c == list(ids) and tok.decode([t for t, m in zip(c, cm) if m]) == "red<|assistant_end|>"
+    assert tok.decode([t for t, m in zip(tc, tcm) if m]) == " 5" and tc[:len(tc) - sum(tcm)] == tok.encode("What is 2 + 3?")
+    path.write_text(json.dumps(text) + "\n" + json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:2: .*\"rejected\""):
+        align.read_preferences(path, tok, 64)
+    path.write_text(json.dumps({"prompt": "x", "chosen": [], "rejected": "z"}) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:1: .*all strings or all message lists"):
+        align.read_preferences(path, tok, 64)
+
+
+def run_cfg(root, out, **kw):
+    return {**align.DEFAULTS, "init": str(root / "sft"), "out_dir": str(out), "data": str(root / "train.jsonl"),
+            "val_data": str(root / "val.jsonl"), "eval_story": str(root / "eval.jsonl"), "eval_examples": 4,
+            "eval_pairs": 8, "batch_size": 4, "lr": 1e-3, "max_iters": 6, "log_interval": 2, "eval_interval": 3, **kw}
+
+
+@pytest.mark.parametrize("reference", ["precompute", "copy"])
+def test_dpo_run_learns_and_resumes_exactly(tiny_run, tmp_path, monkeypatch, reference):
+    """The command's loop end to end: it logs, checkpoints, learns the held-out pairs,
+    and Ctrl-C at step 3 + --resume gives bit-identical weights to a straight run.
+    Both ways of holding the reference give the same run."""
+    root, _ = tiny_run
+    res = align.train(run_cfg(root, tmp_path / "straight", reference=reference), log=lambda *a: None)
+    assert res["after"]["pref_acc"] > 0.5 and res["before"]["pref_acc"] == 0  # a tie at step 0
+    assert (tmp_path / "straight" / "eval.json").exists()
+    real = align.dpo_step
+    calls = []
+
+    def interrupt(*a):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(align, "dpo_step", interrupt)
+    assert align.train(run_cfg(root, tmp_path / "split", reference=reference), log=lambda *a: None)["step"] < 6
+    monkeypatch.setattr(align, "dpo_step", real)
+    align.train(run_cfg(root, tmp_path / "split", reference=reference, resume=True), log=lambda *a: None)
+    a = torch.load(tmp_path / "straight" / "ckpt.pt")["model"]
+    b = torch.load(tmp_path / "split" / "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 #< L11

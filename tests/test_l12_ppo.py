@@ -1,6 +1,7 @@
 #> L12 tests
 """Lesson 12: reward model, KL estimators, GAE, the PPO losses, rollouts, a tiny PPO run."""
 
+import json
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 import align
 from model import CausalLM, ModelConfig
+from test_l11_dpo import run_cfg, tiny_run  # noqa: F401 (a fixture, shared)
 
 
 def tiny_model(seed=0, vocab=16):
@@ -191,4 +193,24 @@ def test_tiny_ppo_raises_the_reward_of_saying_a_token():
     assert history[0]["kl"] == pytest.approx(0, abs=1e-5)
     assert history[-1]["score"] > history[0]["score"] + 0.3 and history[-1]["kl"] > 0
     assert {"clip_frac", "approx_kl", "entropy", "value_loss", "explained_var", "length"} <= history[0].keys()
+
+
+
+def test_reward_then_ppo_commands_run_end_to_end(tiny_run, tmp_path):
+    """The reward method saves a scalar-head checkpoint that PPO's --reward=model loads;
+    PPO logs its metrics (KL starts at 0: policy == reference) and writes curves.png."""
+    root, _ = tiny_run
+    quiet = dict(log=lambda *a: None)
+    rm = align.train(run_cfg(root, tmp_path / "reward", method="reward"), **quiet)
+    assert rm["after"]["pair_acc"] > rm["before"]["pair_acc"]
+    cfg = run_cfg(root, tmp_path / "ppo", method="ppo", reward="model", reward_init=str(tmp_path / "reward"),
+                  prompts=str(root / "eval.jsonl"), task="story", max_iters=2, log_interval=1,
+                  prompts_per_iter=2, samples_per_prompt=2, max_new_tokens=4, ppo_epochs=1)
+    res = align.train(cfg, **quiet)
+    log = [json.loads(line) for line in open(tmp_path / "ppo" / "log.jsonl")]
+    assert res["step"] == 2 and log[0]["kl"] == pytest.approx(0, abs=1e-4) and "exact_match" in res["after"]
+    assert {"score", "clip_frac", "approx_kl", "entropy", "value_loss", "explained_var", "length"} <= log[0].keys()
+    assert (tmp_path / "ppo" / "curves.png").exists() and "critic" in torch.load(tmp_path / "ppo" / "ckpt.pt")
+    with pytest.raises(ValueError, match="not a reward model"):
+        align.load_reward_model(root / "sft", "cpu")
 #< L12

@@ -1,6 +1,7 @@
 #> L13 tests
 """Lesson 13: group-relative advantages, the GRPO loss and its aggregations, a tiny GRPO run."""
 
+import json
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 import align
 from model import CausalLM, ModelConfig
+from test_l11_dpo import run_cfg, tiny_run  # noqa: F401 (a fixture, shared)
 
 
 def tiny_model(seed=0, vocab=8):
@@ -110,4 +112,18 @@ def test_tiny_grpo_raises_the_reward_of_saying_a_token():
     assert history[0]["clip_frac"] == 0  # mu = 1, one minibatch: on-policy, ratio 1
     assert history[-1]["reward"] > history[0]["reward"] + 0.3
     assert 0 <= history[-1]["zero_adv_groups"] <= 1 and history[-1]["kl"] > 0
+
+
+def test_grpo_command_runs_end_to_end(tiny_run, tmp_path):
+    """config/grpo.py's loop on a tiny run: logs reward parts, zero-advantage groups and
+    the KL (measured at beta = 0 too), evaluates exact match before and after, writes curves.png."""
+    root, _ = tiny_run
+    for beta in (0.04, 0.0):
+        out = tmp_path / f"grpo{beta}"
+        cfg = run_cfg(root, out, method="grpo", prompts=str(root / "eval.jsonl"), task="story", max_iters=2,
+                      log_interval=1, prompts_per_iter=2, samples_per_prompt=4, max_new_tokens=4, kl_coef=beta)
+        res = align.train(cfg, log=lambda *a: None)
+        log = [json.loads(line) for line in open(out / "log.jsonl")]
+        assert {"reward", "correct", "format", "zero_adv_groups", "kl", "clip_frac", "entropy", "length"} <= log[0].keys()
+        assert res["step"] == 2 and "exact_match" in res["before"] and (out / "curves.png").exists()
 #< L13

@@ -1,0 +1,21 @@
+#> L13 config
+# GRPO from the SFT model of lesson 10 with a verifiable reward (exact match on arithmetic).
+# python align.py config/grpo.py
+method = "grpo"
+init = "out/sft"
+out_dir = "out/grpo"
+task = "arith"
+lr = 3e-5
+prompts_per_iter = 4
+samples_per_prompt = 8
+max_new_tokens = 8
+kl_coef = 0.04
+mu = 1
+minibatch_size = 32
+loss_agg = "grpo"
+adv_scale = "group"
+max_iters = 60
+log_interval = 5
+eval_interval = 20
+eval_examples = 200
+#< L13

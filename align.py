@@ -68,6 +68,7 @@ DEFAULTS = dict(
     beta=0.1,  # how far from the reference the policy may move: small beta, far
     loss_type="sigmoid",  # "sigmoid" (DPO), "ipo", "hinge"
     label_smoothing=0.0,  # conservative DPO: the probability that a label is flipped
+    rpo_alpha=0.0,  # weight of an NLL term on the chosen answers (RPO); 0: plain DPO
     reference="precompute",  # "precompute" the reference log-probs once, or keep a frozen "copy"
     data="data/dpo/train.jsonl",  # preference pairs (python data/prepare.py dpo)
     val_data="data/dpo/val.jsonl",  # held-out pairs, about held-out stories
@@ -318,12 +319,16 @@ def dpo_step(policy, ids, mask, ref_logps, cfg):
     divided by each answer's token count first (IPO's length normalisation).
     """
     logps, _ = sequence_logprobs(policy, ids, mask)  # (2B,): one forward for both halves
-    if cfg["loss_type"] == "ipo":
-        n = mask[:, 1:].sum(-1).clamp(min=1)
-        logps, ref_logps = logps / n, ref_logps / n
+    n = mask[:, 1:].sum(-1).clamp(min=1)  # answer tokens per row
     B = ids.size(0) // 2
+    nll = -(logps[:B] / n[:B]).mean()  # the SFT loss on the chosen answers, per token
+    if cfg["loss_type"] == "ipo":
+        logps, ref_logps = logps / n, ref_logps / n
     loss, chosen_r, rejected_r = dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:],
                                           cfg["beta"], cfg["loss_type"], cfg["label_smoothing"])
+    # RPO (Pang et al. 2024; TRL's rpo_alpha): + alpha * NLL(chosen) keeps the chosen
+    # answers likely, the cure for the failure mode below.
+    loss = loss + cfg["rpo_alpha"] * nll
     # Watch both log-probs: DPO only needs their difference to grow, and often both
     # fall (probability flows to answers in neither set) -- a known failure mode.
     metrics = {"loss": loss.item(), "reward_acc": (chosen_r > rejected_r).float().mean().item(),

@@ -164,6 +164,18 @@ def test_ipo_step_uses_length_averaged_logprobs():
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def test_rpo_adds_the_per_token_nll_of_the_chosen_answers():
+    """rpo_alpha * mean over pairs of -log p(chosen) / its token count, on top of DPO."""
+    model = tiny_model()
+    ids, mask = align.collate_pairs([([1, 2, 3, 4], [0, 0, 1, 1], [1, 2, 5], [0, 0, 1]),
+                                     ([6, 7], [0, 1], [6, 8, 9], [0, 1, 1])])
+    ref = torch.tensor([-5.0, -4.0, -6.0, -3.0])
+    plain, _ = align.dpo_step(model, ids, mask, ref, dict(align.DEFAULTS))
+    rpo, _ = align.dpo_step(model, ids, mask, ref, {**align.DEFAULTS, "rpo_alpha": 0.5})
+    lp = align.sequence_logprobs(model, ids, mask)[0]
+    assert (rpo - plain).item() == pytest.approx(0.5 * -(lp[0] / 2 + lp[1] / 1).item() / 2, rel=1e-5)
+
+
 def test_reference_is_frozen_and_precompute_agrees_with_the_copy():
     """The frozen copy takes no gradient and does not move when the policy trains;
     its log-probs equal the ones precomputed from the policy at step 0."""

@@ -7,8 +7,11 @@ out_dir = "out/dpo"
 beta = 0.1
 loss_type = "sigmoid"
 reference = "precompute"
-lr = 1e-4
-batch_size = 16
+# Plain DPO (lr 5e-4) drove the chosen answers' log-prob from -2 to -10 nats and exact match
+# from 48.5% to 8%; an NLL term on the chosen answers (RPO) holds it at the SFT level.
+rpo_alpha = 1.0
+lr = 2e-4
+batch_size = 8
 max_iters = 150
 log_interval = 10
 eval_interval = 50

@@ -16,8 +16,8 @@ mu = 1
 minibatch_size = 32
 loss_agg = "grpo"
 adv_scale = "group"
-max_iters = 60
+max_iters = 80
 log_interval = 5
-eval_interval = 20
+eval_interval = 40
 eval_examples = 200
 #< L13

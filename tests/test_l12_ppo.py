@@ -31,6 +31,8 @@ def test_gae_hand_computed_four_steps():
 
 
 def test_gae_lambda_one_is_monte_carlo_and_lambda_zero_is_td():
+    """The two limits of the dial, against returns summed by hand: guards lambda applied to gamma's
+    place or a missing bootstrap V_{t+1}."""
     g = torch.Generator().manual_seed(0)
     r, v = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
     gamma = 0.8
@@ -85,6 +87,8 @@ def test_at_ratio_one_the_surrogate_is_the_vanilla_policy_gradient():
 
 
 def test_clipped_value_loss_matches_the_formula():
+    """0.5 max of the two squared errors, by hand; the masked position (a huge error) must not
+    count. Guards min for max and a clip around R instead of V_old."""
     v = torch.tensor([[0.0, 1.0, 0.5, 3.0]])
     old = torch.tensor([[0.5, 0.5, 0.5, 0.0]])
     R = torch.tensor([[1.0, 0.0, 2.0, 9.0]])
@@ -97,6 +101,8 @@ def test_clipped_value_loss_matches_the_formula():
 
 
 def test_whitening_over_valid_tokens():
+    """Statistics over valid tokens only: guards padding pulling the mean, and padding left non-
+    zero."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 9, generator=g) * 3 + 7
     mask = (torch.rand(4, 9, generator=g) > 0.4).float()
@@ -124,6 +130,8 @@ def test_kl_estimators_definitions_sign_and_monte_carlo():
 
 
 def test_reward_model_loss_formula_and_score_position():
+    """Bradley-Terry's -log sigmoid(r_c - r_r) by hand, and the score read at each row's last
+    answer token, not at the padding after it."""
     rc, rr = torch.tensor([1.0, 0.0, -2.0]), torch.tensor([0.0, 0.0, 1.0])
     want = -sum(math.log(1 / (1 + math.exp(-(a - b)))) for a, b in zip(rc.tolist(), rr.tolist())) / 3
     assert align.reward_model_loss(rc, rr).item() == pytest.approx(want)
@@ -154,6 +162,8 @@ def test_tiny_reward_model_separates_pairs():
 
 
 def test_rollout_masks_the_answer_up_to_the_first_end_token():
+    """The response mask, row by row against the sampled ids: answer tokens through the first end
+    token, nothing of the prompt or of the repeated end tokens; the ids are usable in autograd."""
     model = tiny_model(seed=2, vocab=6)
     g = torch.Generator().manual_seed(0)
     ids, mask, ended = align.rollout(model, [1, 2, 3], 16, 8, eos_id=5, generator=g)

@@ -92,6 +92,8 @@ def test_each_aggregation_matches_its_formula_on_ragged_lengths(agg):
 
 
 def test_format_reward():
+    """Ending, and ending within the token limit: guards rewarding answers that never stop or
+    ramble on."""
     assert align.format_reward([1, 2], True, 4) == 1.0
     assert align.format_reward([1, 2], False, 4) == 0.0  # never ended
     assert align.format_reward([1] * 5, True, 4) == 0.0  # rambled past the limit

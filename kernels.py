@@ -235,26 +235,26 @@ class FlashAttention(torch.autograd.Function):
     triton_forward: both return (O, L), so they share this backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, forward_fn):
-        o, L = forward_fn(q, k, v, causal)
+    def forward(ctx, q, k, v, causal, blocks, forward_fn):
+        o, L = forward_fn(q, k, v, causal, *blocks)
         ctx.save_for_backward(q, k, v, o, L)
-        ctx.causal = causal
+        ctx.causal, ctx.blocks = causal, blocks
         return o
 
     @staticmethod
     def backward(ctx, do):
-        dq, dk, dv = flash_backward(do, *ctx.saved_tensors, ctx.causal)
-        return dq, dk, dv, None, None  # no gradient for causal and forward_fn
+        dq, dk, dv = flash_backward(do, *ctx.saved_tensors, ctx.causal, *ctx.blocks)
+        return dq, dk, dv, None, None, None  # causal, blocks, forward_fn get no gradient
 
 
-def flash_attention(q, k, v, causal=True):
+def flash_attention(q, k, v, causal=True, block_q=BLOCK_Q, block_k=BLOCK_K):
     """Exact attention in O(T) memory, differentiable; equal to model.sdpa_attention.
 
     q: (B, nh, Tq, hs); k, v: (B, nkv, Tk, hs) with nkv dividing nh; with
     causal, Tq <= Tk and the queries are the last Tq positions.
     """
     check_shapes(q, k, v, causal)
-    return FlashAttention.apply(q, k, v, causal, flash_forward)
+    return FlashAttention.apply(q, k, v, causal, (block_q, block_k), flash_forward)
 
 
 # -----------------------------------------------------------------------------
@@ -289,8 +289,8 @@ def triton_kernel():
         q = tl.load(Q + b * sq[0] + h * sq[1] + rows[:, None] * sq[2] + d[None, :] * sq[3],
                     mask=(rows[:, None] < Tq) & (d[None, :] < HS), other=0.0)  # (BLOCK_M, BLOCK_D)
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        l = tl.full([BLOCK_M], 0.0, tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
         offset = Tk - Tq
         end = Tk
         if CAUSAL:  # skip the key tiles above the diagonal, as key_tiles does
@@ -343,8 +343,8 @@ def triton_forward(q, k, v, causal=True, block_q=32, block_k=32):
     return o.to(dtype), L
 
 
-def triton_attention(q, k, v, causal=True):
+def triton_attention(q, k, v, causal=True, block_q=32, block_k=32):
     """flash_attention with the Triton forward; the backward is flash_backward (PyTorch)."""
     check_shapes(q, k, v, causal)
-    return FlashAttention.apply(q, k, v, causal, triton_forward)
+    return FlashAttention.apply(q, k, v, causal, (block_q, block_k), triton_forward)
 #< L15

@@ -280,6 +280,10 @@ def bench_attention(Ts=(256, 512, 1024, 2048, 4096, 8192)):
         growth = [flash[b][1] / flash[a][1] for a, b in zip(Ts_ok, Ts_ok[1:])]
         print("  flash memory growth per doubling of T: " + ", ".join(f"{g:.2f}x" for g in growth)
               + " (linear: 2x, quadratic: 4x)")
+    if both := sorted(set(flash) & set(results["naive"])):  # lesson 15's targets, at the longest T
+        T, (t_f, m_f), (t_n, m_n) = both[-1], flash[both[-1]], results["naive"][both[-1]]
+        print(f"  targets at T={T}: flash memory {m_f / m_n:.3f}x naive (want <= 0.1), "
+              f"time {t_f / t_n:.2f}x naive (want <= 3)")
     plot_attention(results, "GPU" if cuda else "CPU")
 
 

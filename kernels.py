@@ -264,8 +264,15 @@ _KERNEL = None  # built on first use: importing triton is slow, and it is option
 
 
 def triton_kernel():
-    """Import triton and define the kernel (once). TRITON_INTERPRET=1 must be set
-    before this runs for the kernel to run on a CPU, in Triton's interpreter."""
+    """Import triton and define the kernel (once).
+
+    On a CPU the kernel runs only in Triton's interpreter: TRITON_INTERPRET=1
+    set before triton is first imported. subtle: triton.language's own helpers
+    (tl.max, tl.sum) are jit functions built at that import, in the mode then in
+    force; tests/test_l15_kernels.py's fixture shows how to rebuild them.
+    On a GPU, tl.dot on fp32 inputs uses TF32 (10-bit mantissa) by default:
+    expect agreement with flash_forward to ~1e-3 there, not 1e-5.
+    """
     global _KERNEL
     if _KERNEL is not None:
         return _KERNEL

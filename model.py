@@ -208,7 +208,8 @@ class ModelConfig:
         #> L15 attn-impl
         choices["attn_impl"] += ("flash", "triton")  # kernels.py: tiled, O(T) memory (lesson 15)
         if self.attn_impl in ("flash", "triton") and self.dropout:
-            raise ValueError(f"attn_impl={self.attn_impl!r} has no attention dropout; set dropout=0 or use 'sdpa'")
+            raise ValueError(f"attn_impl={self.attn_impl!r} has no attention dropout; "
+                             "set dropout=0 or use attn_impl='sdpa'")
         #< L15
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

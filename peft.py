@@ -483,6 +483,26 @@ def nf4_dequantize(packed, state, dtype=None):
 # QLoRA: a frozen NF4 weight plus a LoRA pair
 
 
+class NF4Matmul(torch.autograd.Function):
+    """x W^T with W stored in NF4: dequantize in forward, and again in backward.
+
+    subtle: F.linear(x, nf4_dequantize(...)) would keep every layer's
+    dequantized W alive for the backward pass -- the whole model in full
+    precision again. Recomputing it costs one more dequantization per layer
+    and keeps only the 4-bit copy in memory (bitsandbytes does the same).
+    W is frozen, so only the gradient with respect to x is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, state):
+        ctx.packed, ctx.state = packed, state
+        return F.linear(x, nf4_dequantize(packed, state, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):  # dL/dx = dL/dy W; nothing for the buffers
+        return grad @ nf4_dequantize(ctx.packed, ctx.state, grad.dtype), None, None
+
+
 class QLoRALinear(LoRAPair, nn.Module):
     """y = dequant(W4) x + b + (alpha/r) B A drop(x), W4 frozen in NF4.
 
@@ -512,8 +532,8 @@ class QLoRALinear(LoRAPair, nn.Module):
         return state
 
     def forward(self, x):
-        W = nf4_dequantize(self.weight_packed, self.quant_state(), x.dtype)  # (out, in)
-        y = F.linear(x, W, self.bias)
+        y = NF4Matmul.apply(x, self.weight_packed, self.quant_state())  # (..., out)
+        y = y if self.bias is None else y + self.bias
         return y + self.lora_update(x) if self.lora_enabled else y
 
 

@@ -396,7 +396,10 @@ def test_qlora_linear_is_dequant_plus_lora(dtype):
     torch.testing.assert_close(y, ref, rtol=0, atol=tol)
     assert not torch.equal(W, base.weight.detach())  # it is the 4-bit weight
     assert q.absmax.dtype == torch.uint8  # double quantization by default
-    y.float().sum().backward()
+    xg = x.clone().requires_grad_(True)
+    g = torch.randn(y.shape).to(dtype)
+    (q(xg) * g).sum().backward()  # recomputed W in backward: dL/dx = g (W + s B A)
+    torch.testing.assert_close(xg.grad, g @ (W + 2 * q.lora_B @ q.lora_A), rtol=0, atol=tol)
     assert q.lora_B.grad is not None and all(not b.requires_grad for b in q.buffers())
     assert base.weight.grad is None and base.bias.grad is None
 

@@ -26,6 +26,7 @@ run_outside_repo() below.
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -204,6 +205,12 @@ def lora_parameters(model):
     return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
 
 
+def base_param_count(model):
+    """Parameters of the base model under the adapters (its NF4 weights included)."""
+    n = sum(p.numel() for name, p in model.named_parameters() if ".lora_" not in name)
+    return n + sum(math.prod(m.weight_shape) for _, m in lora_modules(model) if isinstance(m, QLoRALinear))
+
+
 def lora_state_dict(model):
     """{name: tensor} of the A and B matrices alone: the whole of what training changed."""
     return {f"{n}.{k}": getattr(m, k).detach() for n, m in lora_modules(model)
@@ -318,6 +325,53 @@ def load_adapter(model, path):
     with torch.no_grad():
         for name, t in got.items():
             model.get_parameter(name).copy_(t)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# LoRA runs: a checkpoint that holds the adapter alone and names its base
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_file(path):
+    path = Path(path)
+    return path / "ckpt.pt" if path.is_dir() else path
+
+
+def apply_adapter(model, settings):
+    """apply_lora or apply_qlora as `settings` (a LoRA run's checkpoint["lora"]) say."""
+    targets = settings["targets"]
+    targets = targets if targets == "all-linear" else targets.split(",")  # "q_proj,v_proj"
+    wrap = apply_qlora if settings["qlora"] else apply_lora
+    return wrap(model, settings["r"], settings["alpha"], targets)
+
+
+def adapter_checkpoint(model, settings, base):
+    """The parts of a checkpoint that make it a LoRA run's: its weights are the A, B
+    pairs alone (KBs, not MBs), and it names the base checkpoint and its SHA-256."""
+    base = checkpoint_file(base).resolve()
+    return {"model": lora_state_dict(model),
+            "lora": {**settings, "base": str(base), "base_sha256": file_sha256(base)}}
+
+
+def attach_adapter(model, ckpt):
+    """Wrap the base `model` as a LoRA run's checkpoint says and load its A, B pairs;
+    refuses a base whose bytes changed since (the adapter would be meaningless)."""
+    settings = ckpt["lora"]
+    if file_sha256(settings["base"]) != settings["base_sha256"]:
+        raise ValueError(f"the base checkpoint {settings['base']} changed since this adapter was "
+                         "trained (SHA-256 differs); restore that base or retrain the adapter")
+    apply_adapter(model, settings)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if unexpected or any("lora_" in k for k in missing):
+        raise ValueError(f"the adapter does not fit the model: {(unexpected or missing)[:3]}")
     return model
 
 

@@ -183,6 +183,27 @@ def test_adapter_save_load_roundtrip(tmp_path):
         P.load_adapter(tiny_model(), tmp_path)
 
 
+@pytest.mark.parametrize("qlora", [False, True])
+def test_adapter_checkpoint_names_its_base(tmp_path, qlora):
+    """Guards against a LoRA run's checkpoint that cannot be rebuilt (wrong layers, lost
+    QLoRA flag) or that silently loads onto a base model other than its own."""
+    base = tmp_path / "ckpt.pt"
+    torch.save({"model": tiny_model().state_dict()}, base)
+    settings = dict(r=4, alpha=8.0, targets="q_proj,down", qlora=qlora)
+    model = P.apply_adapter(tiny_model(), settings)
+    randomize_lora(model)
+    ckpt = P.adapter_checkpoint(model, settings, tmp_path)  # a run folder names its ckpt.pt
+    assert set(ckpt["model"]) == set(P.lora_state_dict(model)) and len(ckpt["model"]) == 8
+    assert ckpt["lora"]["base_sha256"] == P.file_sha256(base)
+    fresh = P.attach_adapter(tiny_model(), ckpt)
+    assert torch.equal(fresh(IDX)[0], model(IDX)[0])
+    assert isinstance(fresh.blocks[1].mlp.down, P.QLoRALinear if qlora else P.LoRALinear)
+    assert P.base_param_count(fresh) == tiny_model().num_params()
+    base.write_bytes(base.read_bytes() + b"x")
+    with pytest.raises(ValueError, match="changed"):
+        P.attach_adapter(tiny_model(), ckpt)
+
+
 PEFT_ORACLE = """
 import torch
 from transformers import AutoModelForCausalLM

@@ -202,19 +202,24 @@ def lora_modules(model):
 
 
 def lora_parameters(model):
-    return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
+    """What trains: every A and B, and the deltas of trainable token rows."""
+    return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)] + \
+        [m.delta for _, m in token_rows(model)]
 
 
 def base_param_count(model):
     """Parameters of the base model under the adapters (its NF4 weights included)."""
-    n = sum(p.numel() for name, p in model.named_parameters() if ".lora_" not in name)
+    trained = {id(p) for p in lora_parameters(model)}
+    n = sum(p.numel() for p in model.parameters() if id(p) not in trained)
     return n + sum(math.prod(m.weight_shape) for _, m in lora_modules(model) if isinstance(m, QLoRALinear))
 
 
 def lora_state_dict(model):
-    """{name: tensor} of the A and B matrices alone: the whole of what training changed."""
-    return {f"{n}.{k}": getattr(m, k).detach() for n, m in lora_modules(model)
-            for k in ("lora_A", "lora_B")}
+    """{name: tensor} of the A and B matrices (and token-row deltas) alone: the whole of
+    what training changed."""
+    return {**{f"{n}.{k}": getattr(m, k).detach() for n, m in lora_modules(model)
+               for k in ("lora_A", "lora_B")},
+            **{f"{n}.delta": m.delta.detach() for n, m in token_rows(model)}}
 
 
 def merge_lora(model):
@@ -224,12 +229,16 @@ def merge_lora(model):
             raise ValueError(f"{name} is 4-bit: adding B A to an NF4 weight would requantize it; "
                              "merge into a full-precision copy of the base model instead")
         m.merge()
+    for m in row_layers(model):
+        m.token_rows.merge(m.weight)  # tied: the shared rows merge once
     return model
 
 
 def unmerge_lora(model):
     for _, m in lora_modules(model):
         m.unmerge()
+    for m in row_layers(model):
+        m.token_rows.unmerge(m.weight)
     return model
 
 
@@ -241,7 +250,7 @@ def lora_disabled(model):
     frozen base, which is exactly this model with B A switched off -- no
     second copy of the weights.
     """
-    mods = [m for _, m in lora_modules(model)]
+    mods = [m for _, m in lora_modules(model) + token_rows(model)]
     if any(m.merged for m in mods):
         raise ValueError("the adapter is merged into the weights; unmerge_lora(model) first")
     before = [m.lora_enabled for m in mods]
@@ -252,6 +261,89 @@ def lora_disabled(model):
     finally:
         for m, was in zip(mods, before):
             m.lora_enabled = was
+
+
+# -----------------------------------------------------------------------------
+# New tokens: a few trainable rows of the frozen embedding
+#
+# A base model has never seen the chat template's tokens (<|assistant_end|>
+# ...): their embedding rows are what pretraining left of a random init. Full
+# SFT trains them; LoRA, with the embedding frozen, cannot -- and then hardly
+# learns to answer at all (lesson 14's table). The fix (PEFT's
+# trainable_token_indices): train a delta for those rows only, V x C frozen,
+# k x C trained. With a tied head the same delta moves the output rows too.
+
+
+class TokenRows(nn.Module):
+    """weight -> weight with rows `ids` moved by a trainable delta (k, C), zero at init."""
+
+    def __init__(self, weight, ids):
+        super().__init__()
+        self.register_buffer("ids", torch.tensor(sorted(set(ids)), dtype=torch.long, device=weight.device))
+        self.delta = nn.Parameter(torch.zeros(len(self.ids), weight.shape[1], dtype=weight.dtype,
+                                              device=weight.device))
+        self.lora_enabled, self.merged = True, False
+
+    def forward(self, weight):
+        if self.merged or not self.lora_enabled:
+            return weight
+        return weight.index_add(0, self.ids, self.delta)  # (V, C): a new tensor, W untouched
+
+    @torch.no_grad()
+    def merge(self, weight):
+        if not self.merged:
+            weight.index_add_(0, self.ids, self.delta)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, weight):
+        if self.merged:
+            weight.index_add_(0, self.ids, -self.delta)
+            self.merged = False
+
+
+class EmbeddingRows(nn.Embedding):
+    """The token embedding, its weight shared and frozen, its chosen rows trainable."""
+
+    def __init__(self, base, rows):
+        nn.Module.__init__(self)  # keep the base's weight: no new table
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx, self.max_norm, self.sparse = None, None, False
+        self.norm_type, self.scale_grad_by_freq = 2.0, False
+        self.weight, self.token_rows = base.weight, rows
+
+    def forward(self, idx):
+        return F.embedding(idx, self.token_rows(self.weight))
+
+
+class HeadRows(nn.Linear):
+    """The output head with the same rows trainable (the same TokenRows when tied)."""
+
+    def __init__(self, base, rows):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias, self.token_rows = base.weight, base.bias, rows
+
+    def forward(self, x):
+        return F.linear(x, self.token_rows(self.weight), self.bias)
+
+
+def train_token_rows(model, ids):
+    """Make the embedding rows (and output-head rows) of tokens `ids` trainable, in place."""
+    rows = TokenRows(model.tok_emb.weight, ids)
+    tied = model.lm_head.weight is model.tok_emb.weight
+    model.tok_emb = EmbeddingRows(model.tok_emb, rows)
+    model.lm_head = HeadRows(model.lm_head, rows if tied else TokenRows(model.lm_head.weight, ids))
+    return model
+
+
+def row_layers(model):
+    return [m for m in model.modules() if isinstance(m, (EmbeddingRows, HeadRows))]
+
+
+def token_rows(model):
+    """[(name, TokenRows)], a shared (tied) one listed once."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TokenRows)]
 
 
 # -----------------------------------------------------------------------------
@@ -279,6 +371,9 @@ def save_adapter(model, path, base_model=None):
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA layers; apply_lora(model, ...) first")
+    if token_rows(model):
+        raise ValueError("trainable token rows are kept in our checkpoints only; merge_lora(model) "
+                         "then save_pretrained to export the model")
     if len({(m.r, m.alpha, m.rslora) for _, m in mods}) > 1:
         raise ValueError("PEFT's config holds one r and alpha; these layers differ")
     names, m0 = hf_module_names(model.cfg), mods[0][1]
@@ -350,7 +445,10 @@ def apply_adapter(model, settings):
     targets = settings["targets"]
     targets = targets if targets == "all-linear" else targets.split(",")  # "q_proj,v_proj"
     wrap = apply_qlora if settings["qlora"] else apply_lora
-    return wrap(model, settings["r"], settings["alpha"], targets)
+    wrap(model, settings["r"], settings["alpha"], targets)
+    if settings.get("tokens"):  # token ids whose embedding rows train too
+        train_token_rows(model, settings["tokens"])
+    return model
 
 
 def adapter_checkpoint(model, settings, base):
@@ -369,9 +467,10 @@ def attach_adapter(model, ckpt):
         raise ValueError(f"the base checkpoint {settings['base']} changed since this adapter was "
                          "trained (SHA-256 differs); restore that base or retrain the adapter")
     apply_adapter(model, settings)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if unexpected or any("lora_" in k for k in missing):
-        raise ValueError(f"the adapter does not fit the model: {(unexpected or missing)[:3]}")
+    missing = sorted(set(lora_state_dict(model)) - set(ckpt["model"]))
+    unexpected = model.load_state_dict(ckpt["model"], strict=False).unexpected_keys
+    if missing or unexpected:
+        raise ValueError(f"the adapter does not fit the model: {(missing or unexpected)[:3]}")
     return model
 
 

@@ -164,6 +164,38 @@ def test_targets_list_regex_and_all_linear():
         P.apply_lora(m, 2, 4)
 
 
+def test_token_rows_train_only_their_rows_in_and_out():
+    """Guards against new-token rows that change other tokens, miss the tied output head,
+    survive lora_disabled, or merge into the wrong rows."""
+    model = tiny_model()
+    base, _ = model(IDX)
+    P.apply_lora(model, r=4, alpha=8)
+    P.train_token_rows(model, [5, 60])
+    assert torch.equal(model(IDX)[0], base)  # delta = 0 at init
+    assert model.lm_head.token_rows is model.tok_emb.token_rows  # tied: one delta
+    _, loss = model(IDX, IDX)
+    loss.backward()
+    delta = model.tok_emb.token_rows.delta
+    assert delta.shape == (2, 32) and torch.count_nonzero(delta.grad) > 0
+    assert model.tok_emb.weight.grad is None
+    with torch.no_grad():
+        delta.normal_()
+    W = model.tok_emb.token_rows(model.tok_emb.weight)
+    assert torch.equal(W[[5, 60]], model.tok_emb.weight[[5, 60]] + delta)
+    others = [i for i in range(64) if i not in (5, 60)]
+    assert torch.equal(W[others], model.tok_emb.weight[others])
+    randomize_lora(model)
+    tuned, _ = model(IDX)
+    with P.lora_disabled(model):
+        assert torch.equal(model(IDX)[0], base)
+    P.merge_lora(model)
+    torch.testing.assert_close(model(IDX)[0], tuned, rtol=0, atol=1e-5)
+    P.unmerge_lora(model)
+    torch.testing.assert_close(model(IDX)[0], tuned, rtol=0, atol=1e-5)
+    assert "tok_emb.token_rows.delta" in P.lora_state_dict(model)
+    assert P.base_param_count(model) == tiny_model().num_params()
+
+
 def test_adapter_save_load_roundtrip(tmp_path):
     """Guards against an adapter that loads onto the wrong layers or silently drops some."""
     model = P.apply_lora(tiny_model(), r=4, alpha=8, targets=["q_proj", "v_proj", "down"])
@@ -189,11 +221,11 @@ def test_adapter_checkpoint_names_its_base(tmp_path, qlora):
     QLoRA flag) or that silently loads onto a base model other than its own."""
     base = tmp_path / "ckpt.pt"
     torch.save({"model": tiny_model().state_dict()}, base)
-    settings = dict(r=4, alpha=8.0, targets="q_proj,down", qlora=qlora)
+    settings = dict(r=4, alpha=8.0, targets="q_proj,down", qlora=qlora, tokens=[3, 7])
     model = P.apply_adapter(tiny_model(), settings)
     randomize_lora(model)
     ckpt = P.adapter_checkpoint(model, settings, tmp_path)  # a run folder names its ckpt.pt
-    assert set(ckpt["model"]) == set(P.lora_state_dict(model)) and len(ckpt["model"]) == 8
+    assert set(ckpt["model"]) == set(P.lora_state_dict(model)) and len(ckpt["model"]) == 9
     assert ckpt["lora"]["base_sha256"] == P.file_sha256(base)
     fresh = P.attach_adapter(tiny_model(), ckpt)
     assert torch.equal(fresh(IDX)[0], model(IDX)[0])

@@ -158,8 +158,8 @@ def bench_train():
     biases) in the same run, one thread each, alternating; a full optimizer step each."""
     import torch
 
-    from model import CausalLM, ModelConfig
-    from pretrain import AdamW, clip_grad_norm, param_groups
+    from model import CausalLM, ModelConfig, clip_grad_norm
+    from pretrain import AdamW, param_groups
 
     torch.set_num_threads(1)
     print("training step, shakespeare_char shape, CPU, 1 thread, fp32")

@@ -9,37 +9,42 @@ Commands: /temp 0.8 (0 = greedy), /topk 50, /topp 0.9, /len 200, /reset, and
 Ctrl-D (end of input) to quit. Lesson 10 adds a chat mode for models tuned
 with the chat template; until then every checkpoint is completed as text.
 """
+#> L10 chat-mode
+# Lesson 10: a checkpoint from sft.py (or align.py) opens a chat instead:
+#     python chat.py out/sft
+# Each line you type is a user turn; the whole conversation is rendered with
+# the template and the reply streams until <|assistant_end|>. /system TEXT sets
+# a system message (/system alone clears it), /history shows the turns, /reset
+# forgets them. When the conversation outgrows the model's block_size, the
+# oldest whole turns (a question with its answer) are dropped.
+#< L10
 
 import argparse
 import sys
 
 import torch
 
-from model import CausalLM
-from tokenizer import load_tokenizer
+from model import load_run
+from tokenizer import decode_stream
 
 
 def stream_text(model, tok, ids, settings, generator):
-    """Yield text pieces as tokens arrive. A BPE token can end in the middle of a
-    UTF-8 character: hold text back until the decoded tail is whole (no U+FFFD)."""
+    """Yield text pieces of the continuation of `ids` as tokens arrive."""
     eot = getattr(tok, "special_tokens", {}).get("<|endoftext|>")
-    new, shown = [], 0
-    for nxt in model.stream(torch.tensor([ids[-model.cfg.block_size:]]), settings["len"],
-                            temperature=settings["temp"], top_k=settings["topk"],
-                            top_p=settings["topp"], eos_id=eot, generator=generator):
-        if nxt.item() == eot:
-            break
-        new.append(nxt.item())
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):
-            yield text[shown:]
-            shown = len(text)
+    tokens = model.stream(torch.tensor([ids[-model.cfg.block_size:]]), settings["len"],
+                          temperature=settings["temp"], top_k=settings["topk"],
+                          top_p=settings["topp"], eos_id=eot, generator=generator)
+    return decode_stream(tok, tokens, stop_ids={eot})
 
 
-def command(line, settings):
-    """Apply a /command to settings; returns the message to print."""
+def command(line, settings, chat=None):
+    """Apply a /command to settings (and, in chat mode, to the chat); returns the message to print."""
     name, _, value = line[1:].partition(" ")
     keys = {"temp": float, "topk": int, "topp": float, "len": int}
+    #> L10 chat-mode
+    if chat is not None and name in ("system", "history", "reset"):
+        return chat_command(name, value, chat)
+    #< L10
     if name == "reset":
         return "history cleared"
     if name not in keys:
@@ -51,14 +56,84 @@ def command(line, settings):
     return f"{name} set to {settings[name]}"
 
 
+#> L10 chat-mode
+def chat_command(name, value, chat):
+    """/system TEXT, /history, /reset on chat = {"system": str, "history": [messages]}."""
+    if name == "system":
+        chat["system"] = value.strip()
+        return f"system message set to {chat['system']!r}" if chat["system"] else "system message cleared"
+    if name == "reset":
+        chat["history"] = []
+        return "history cleared"
+    turns = ([f"system: {chat['system']}"] if chat["system"] else []) + \
+        [f"{m['role']}: {m['content']}" for m in chat["history"]]
+    return "\n".join(turns) or "(no turns yet)"
+
+
+def fit_context(tok, chat, block_size, room):
+    """Drop the oldest whole turns (a user message and its reply) until the rendered
+    conversation plus `room` tokens for the reply fits block_size; returns the
+    messages to render. The system message stays. Raises if the last message alone
+    cannot fit."""
+    system = [{"role": "system", "content": chat["system"]}] if chat["system"] else []
+    while True:
+        messages = system + chat["history"]
+        ids, _ = tok.render_conversation(messages, for_completion=True)
+        if len(ids) + room <= block_size:
+            return messages
+        if len(chat["history"]) <= 1:  # only the new message is left, and it is too long
+            chat["history"] = []
+            raise ValueError(f"that message is {len(ids)} tokens; with {room} for the reply the "
+                             f"model's context of {block_size} cannot hold it")
+        chat["history"] = chat["history"][2:]
+        print(f"(dropped the oldest turn to fit the {block_size}-token context)", flush=True)
+
+
+def chat_loop(model, tok, settings, generator, interactive):
+    """Read user turns, stream replies. Returns at the end of input."""
+    from model import chat_stream  # lesson 10's: imported here, where chat mode begins
+    chat = {"system": "", "history": []}
+    # Answers here are facts from a story: greedy is the right default (/temp 0.8 to vary).
+    settings["temp"] = 0.0
+    room = min(settings["len"], model.cfg.block_size // 4)  # tokens kept free for a reply
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            print()
+            return
+        line = line.rstrip("\n")
+        if line.startswith("/"):
+            print(command(line, settings, chat), flush=True)
+            continue
+        if not line.strip():
+            continue
+        chat["history"].append({"role": "user", "content": line.replace("\\n", "\n")})
+        try:
+            messages = fit_context(tok, chat, model.cfg.block_size, room)
+        except ValueError as e:  # special-token text in the message, or a message too long
+            chat["history"] = chat["history"][:-1]
+            print(f"cannot send that: {e}", flush=True)
+            continue
+        print("assistant> " if interactive else "", end="", flush=True)
+        reply = ""
+        for piece in chat_stream(model, tok, messages, settings["len"], settings["temp"],
+                                 settings["topk"], settings["topp"], generator):
+            print(piece, end="", flush=True)
+            reply += piece
+        print(flush=True)
+        chat["history"].append({"role": "assistant", "content": reply})
+#< L10
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Stream completions from a checkpoint.")
     ap.add_argument("ckpt", nargs="?", default="out/tiny", help="run folder or ckpt.pt")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
-        model, ckpt = CausalLM.from_checkpoint(args.ckpt)
-        tok = load_tokenizer(ckpt["tokenizer"])
+        model, tok, ckpt = load_run(args.ckpt)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         sys.exit(f"chat.py: cannot load {args.ckpt}: {e}")
     # Sampling settings the /commands change. temp 0.8 with top-k 50 is a common default:
@@ -68,6 +143,12 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
     # A terminal gets a prompt sign; a pipe (tests, scripts) gets only the answers.
     interactive = sys.stdin.isatty()
+    #> L10 chat-mode
+    if ckpt.get("chat"):  # tuned with the chat template: talk, do not complete
+        print(f"{model.num_params():,}-parameter chat model from {args.ckpt}. One line per turn "
+              "(type \\n for a line break); /system TEXT, /history, /reset; Ctrl-D quits.")
+        return chat_loop(model, tok, settings, generator, interactive)
+    #< L10
     print(f"{model.num_params():,}-parameter model from {args.ckpt}. Type a beginning; Ctrl-D quits.")
     while True:
         if interactive:

@@ -7,6 +7,7 @@ eval.py -- measure a checkpoint honestly: perplexity, multiple choice, pass@k.
     python eval.py --ckpt out/tiny --task mc --file mmlu_test.csv --dev mmlu_dev.csv --shots 5
     python eval.py --ckpt out/tiny --task passk --n 10 --k 1 5   # built-in Python problems
     python eval.py --ckpt out/tiny --task story|arith   # exact-match tasks (after SFT, lesson 10)
+    python eval.py --ckpt out/sft --task story arith    # a chat model: through its template
 
 Each task prints a small table and writes eval_<task>.json beside the checkpoint.
 Three kinds of measurement, three kinds of trap:
@@ -34,8 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import CausalLM
-from tokenizer import load_tokenizer
+from model import load_run
+from tokenizer import decode_stream
+#> L10 chat-tasks
+from model import exact_match as chat_exact_match  # through the chat template (lesson 10)
+from tokenizer import read_conversations
+#< L10
 
 HERE = Path(__file__).resolve().parent
 
@@ -348,16 +353,14 @@ def complete(model, tok, prompt, max_new_tokens=40, temperature=0.0, generator=N
     """Generate after prompt until `stop` or end of text; return the new text only."""
     ids = tok.encode(prompt)[-model.cfg.block_size // 2:]
     eot = getattr(tok, "special_tokens", {}).get("<|endoftext|>")
-    new = []
-    for nxt in model.stream(torch.tensor([ids]), max_new_tokens, temperature=temperature,
-                            eos_id=eot, generator=generator):
-        if nxt.item() == eot:
-            break
-        new.append(nxt.item())
-        text = tok.decode(new)  # decode the whole answer: one token may be half a character
+    tokens = model.stream(torch.tensor([ids]), max_new_tokens, temperature=temperature,
+                          eos_id=eot, generator=generator)
+    text = ""
+    for piece in decode_stream(tok, tokens, stop_ids={eot}):
+        text += piece
         if stop and stop in text:
             return text[: text.index(stop)]
-    return tok.decode(new)
+    return text
 
 
 def exact_match(model, tok, pairs):
@@ -386,12 +389,37 @@ def arith_tasks(n=100, seed=1337):
     return [(f"Question: {q}\nAnswer:", a) for q, a in (storyworld.arithmetic(rng) for _ in range(n))]
 
 
+#> L10 chat-tasks
+def chat_tasks(task, n, file=None):
+    """Exact-match chats whose last message is the reference answer: --file, or the
+    held-out set sft.py evaluates on (data/sft/eval_<task>.jsonl, made on first use)."""
+    path = Path(file) if file else HERE / "data" / "sft" / f"eval_{task}.jsonl"
+    if not path.exists() and not file:
+        subprocess.run([sys.executable, str(HERE / "data" / "prepare.py"), "sft"], check=True)
+    return read_conversations(path)[:n]
+
+
+def report_exact_match(model, tok, examples, shown=3):
+    """Greedy replies through the template; prints a few right and wrong answers (the
+    question only: the story before it is long) and returns accuracy with its
+    Wilson 95% interval."""
+    r = chat_exact_match(model, tok, examples, progress=lambda d, t: progress(d, t, "exact match"))
+    for kind in ("right", "wrong"):
+        picked = [(c, reply) for c, reply in zip(examples, r["replies"]) if c in r[kind]][:shown]
+        for chat, reply in picked:
+            question = chat[-2]["content"].rsplit("\n", 1)[-1]
+            print(f"  {kind:<5} {question!r} -> {reply!r} (reference {chat[-1]['content']!r})")
+    return {"items": r["n"], "exact_match": r["accuracy"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
+#< L10
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate a checkpoint.")
     ap.add_argument("--ckpt", default="out/tiny", help="run folder or ckpt.pt")
     ap.add_argument("--task", nargs="+", default=["ppl", "mc"],
                     choices=["ppl", "mc", "passk", "humaneval", "story", "arith"])
-    ap.add_argument("--file", help="ppl: .txt or .bin tokens; mc: MMLU csv; passk: HumanEval jsonl")
+    ap.add_argument("--file", help="ppl: .txt or .bin tokens; mc: MMLU csv; passk: HumanEval jsonl; "
+                                   "story/arith on a chat model: chat JSONL (lesson 10)")
     ap.add_argument("--dev", help="mc: MMLU dev csv for k-shot examples")
     ap.add_argument("--shots", type=int, default=0)
     ap.add_argument("--stride", type=int)
@@ -402,8 +430,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE / "data"))  # the built-in tasks live in data/storyworld.py
     try:
-        model, ckpt = CausalLM.from_checkpoint(args.ckpt)
-        tok = load_tokenizer(ckpt["tokenizer"])
+        model, tok, ckpt = load_run(args.ckpt)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         sys.exit(f"eval.py: cannot load {args.ckpt}: {e}")
     folder = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
@@ -412,8 +439,11 @@ def main(argv=None):
         if task == "ppl":
             if args.file and args.file.endswith(".txt"):
                 ids = tok.encode(Path(args.file).read_text(encoding="utf-8"))
-            else:
+            elif args.file or Path(ckpt["data"], "val.bin").exists():
                 ids = np.memmap(args.file or Path(ckpt["data"], "val.bin"), dtype=np.uint16, mode="r")
+            else:  # a run folder copied away from its data: the other tasks still run
+                print(f"ppl   skipped: the training data {ckpt['data']} is not here; pass --file")
+                continue
             result = perplexity(model, ids, args.stride, tok)
         elif task == "mc":
             if args.file:
@@ -432,6 +462,10 @@ def main(argv=None):
                 problems = read_problems(args.file or HERE / "data" / "problems.jsonl")
             sample = lambda p: complete(model, tok, p, 128, args.temperature, gen, stop=None)
             result = evaluate_passk(sample, problems, args.n, args.k)
+        #> L10 chat-tasks
+        elif ckpt.get("chat"):  # a chat model answers through its template, not a "Answer:" cue
+            result = report_exact_match(model, tok, chat_tasks(task, args.limit, args.file))
+        #< L10
         else:
             pairs = story_tasks(args.limit) if task == "story" else arith_tasks(args.limit)
             result = exact_match(model, tok, pairs)

@@ -295,7 +295,9 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(hs, cfg.norm_eps), RMSNorm(hs, cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, kv_cache=None):
+    def forward(self, x, rope=None, kv_cache=None, mask=None):
+        """x (B, T, C) -> (B, T, C). mask: None for plain causal attention; lesson 10's
+        packed rows pass their own (B, 1, T, T) bool mask (True: may attend)."""
         q = split_heads(self.q_proj(x), self.cfg.n_head)  # (B, nh, T, hs)
         k = split_heads(self.k_proj(x), self.cfg.n_kv_head)  # (B, nkv, T, hs)
         v = split_heads(self.v_proj(x), self.cfg.n_kv_head)  # (B, nkv, T, hs)
@@ -305,6 +307,12 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:  # keys/values of all positions so far: (B, nkv, Tk, hs)
             k, v = kv_cache.update(self.layer, k, v)
+        #> L10 packing
+        if mask is not None:  # packed rows: SDPA with the block-diagonal mask, whatever attn_impl
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                               dropout_p=self.cfg.dropout if self.training else 0.0)
+            return self.dropout(self.o_proj(merge_heads(y)))
+        #< L10
         if self.cfg.attn_impl == "naive":
             n_rep = self.cfg.n_head // self.cfg.n_kv_head
             y = naive_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep),
@@ -326,8 +334,8 @@ class Block(nn.Module):
         self.norm1, self.attn = make_norm(cfg, cfg.n_embd), Attention(cfg, layer)
         self.norm2, self.mlp = make_norm(cfg, cfg.n_embd), MLP(cfg)
 
-    def forward(self, x, rope=None, kv_cache=None):
-        x = x + self.attn(self.norm1(x), rope, kv_cache)  # tokens exchange information
+    def forward(self, x, rope=None, kv_cache=None, mask=None):
+        x = x + self.attn(self.norm1(x), rope, kv_cache, mask)  # tokens exchange information
         return x + self.mlp(self.norm2(x))  # each token thinks on its own
 #< L03
 
@@ -359,12 +367,13 @@ class CausalLM(nn.Module):
         self.apply(self._init_weights)
         #< L05
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, segments=None):
         """idx (B, T) ids -> logits (B, T, V); loss if targets (B, T) are given.
 
         Targets equal to -1 are ignored (padding, prompts we do not train on).
         With kv_cache, idx holds only the new tokens and positions continue
-        from the cache's length.
+        from the cache's length. segments (B, T): lesson 10's packed rows, the
+        conversation each position belongs to (None: one sequence per row).
         """
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.length
@@ -372,16 +381,21 @@ class CausalLM(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size}; "
                              "crop the input or use a model with a longer context")
         x = self.tok_emb(idx)  # (B, T, C)
+        pos, mask = torch.arange(start, start + T, device=idx.device), None  # (T,), plain causal
+        #> L10 packing
+        if segments is not None:  # positions restart per conversation; attention stays inside each
+            pos, mask = packed_positions(segments)  # (B, T), (B, 1, T, T)
+        #< L10
         rope = None
         if self.cfg.pos_emb == "learned":
-            x = x + self.pos_emb.weight[start:start + T]  # rows of positions start..start+T-1: (T, C)
+            x = x + self.pos_emb(pos)  # the rows of positions start..start+T-1: (T, C)
         elif self.cfg.pos_emb == "sinusoidal":
-            x = x + self.pos_table[start:start + T].to(x.dtype)
-        else:
-            rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
+            x = x + self.pos_table[pos].to(x.dtype)
+        else:  # (1, T, hs), or (B, 1, T, hs) per row: broadcast over the heads of (B, nh, T, hs)
+            rope = (self.rope_cos[pos].unsqueeze(-3).to(x.dtype), self.rope_sin[pos].unsqueeze(-3).to(x.dtype))
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, rope, kv_cache)
+            x = block(x, rope, kv_cache, mask)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         loss = None
         if targets is not None:  # mean over non-ignored positions of -log p(target)
@@ -838,6 +852,31 @@ def load_config(path, defaults, overrides=()):
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in cfg.items()))
     return cfg
 #< L06
+#> L07 schedule exercise
+
+
+def get_lr(it, cfg):
+    """Linear warmup to lr, then cosine decay to min_lr at max_iters.
+
+    Warmup: Adam's early second-moment estimates are noisy, so large first
+    steps can diverge. Cosine: large steps while far from a minimum, small ones
+    at the end to settle into it.
+    """
+    if it < cfg["warmup_iters"]:
+        return cfg["lr"] * (it + 1) / cfg["warmup_iters"]
+    progress = min(1.0, (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"]))
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["lr"] - cfg["min_lr"])
+
+
+def clip_grad_norm(params, max_norm):
+    """Scale all gradients by min(1, max_norm / ||g||), ||g|| over all of them together;
+    returns ||g|| before clipping (logged: spikes warn of instability)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if max_norm > 0:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm
+#< L07
 #> L08 plumbing
 
 
@@ -869,6 +908,7 @@ def choose_dtype(device, requested="auto"):
     return torch.float32, "fp32"
 
 
+#> L08 atomic-save exercise
 def save_checkpoint(path, state):
     """torch.save to a temporary file, then an atomic rename: a crash mid-write leaves
     the previous checkpoint intact, never a half-written one."""
@@ -880,6 +920,7 @@ def save_checkpoint(path, state):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+#< L08
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -889,4 +930,251 @@ def load_checkpoint(path, map_location="cpu"):
         raise FileNotFoundError(f"no checkpoint at {path}; train one first (python pretrain.py "
                                 "config/tiny.py) or pass the right --out_dir")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# The training loop's plumbing: pretrain.py, sft.py and align.py run the same
+
+
+def setup_device(cfg):
+    """(ddp, rank, world, device, why). Under torchrun (which sets RANK, WORLD_SIZE,
+    LOCAL_RANK) there is one process per device; otherwise one process picks the best."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        return (False, 0, 1, *choose_device(cfg["device"]))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"  # nccl: GPUs; gloo: CPUs
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if backend == "nccl" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return True, rank, world, device, f"{device} (torchrun rank {rank} of {world}, {backend})"
+
+
+def setup_precision(device, requested="auto"):
+    """(autocast, scaler, why) for choose_dtype's choice. autocast runs matmuls in
+    bf16/fp16 and keeps precision-sensitive ops (softmax, norms, the loss) in fp32;
+    the weights and the optimizer stay fp32 throughout. The GradScaler is a no-op
+    unless fp16, whose small range needs the loss scaled up before backward."""
+    from contextlib import nullcontext
+
+    dtype, why = choose_dtype(device, requested)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), why
+
+
+def optimizer_step(model, optimizer, scaler, loss, grad_clip, step, ckpt_path):
+    """After backward: refuse a non-finite loss, clip, step, clear. Returns the gradient
+    norm before clipping."""
+    if not math.isfinite(loss.item()):  # stop before a NaN reaches a checkpoint
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}: training diverged. "
+                                 f"The last good checkpoint stays at {ckpt_path}; try a lower lr")
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    norm = clip_grad_norm(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # with fp16: skipped if the scaled gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)  # None, not zeros: frees memory, skips a fill
+    return norm
+
+
+def progress_line(step, max_iters, loss, lr, norm, dt, rate, eta, extra=""):
+    """The log line: dt seconds per step, rate tokens/s, eta seconds left."""
+    return (f"step {step}/{max_iters}  loss {loss:.4f}  lr {lr:.2e}  grad norm {norm:.2f}  "
+            f"{dt * 1000:.0f} ms/step  {rate:,.0f} tok/s{extra}  ETA {eta / 60:.1f} min")
+
+
+def training_state(model, optimizer, step, cfg, tok, **extra):
+    """What a checkpoint holds: everything that shapes the next step (weights, Adam's
+    moments, the step -- also the lr schedule's position and the next batch number --
+    and the RNG, so dropout continues as if never stopped), the config, and the
+    tokenizer itself, so the run folder stands alone wherever it is copied."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "rng": torch.get_rng_state(), "config": cfg, "model_config": model.cfg.__dict__,
+            "tokenizer": tok.state(), **extra}
+
+
+def resume_training(ckpt, model, optimizer):
+    """Put a training_state back; returns the step to continue from."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])  # Adam's moments: without them, a jolt
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["step"]
+
+
+def check_resume(ckpt, cfg, resumable, mcfg=None, tok=None):
+    """Refuse to resume a checkpoint into a run that differs from it, naming each
+    difference. Called twice: on the config before data preparation (cheap, fails
+    fast), then on the model config and tokenizer, known once the data is ready."""
+    old_cfg = ckpt.get("config", {})
+    diffs = [f"{k} {old_cfg[k]!r} -> {v!r}" for k, v in cfg.items()
+             if k in old_cfg and k not in resumable and k not in ModelConfig.__dataclass_fields__
+             and old_cfg[k] != v]
+    if mcfg is not None:  # the model's shape: what the preset and the data made of the config
+        diffs += [f"{k} {old!r} -> {mcfg.__dict__[k]!r}" for k, old in ckpt["model_config"].items()
+                  if mcfg.__dict__.get(k) != old]
+    if tok is not None and isinstance(ckpt.get("tokenizer"), dict) and ckpt["tokenizer"] != tok.state():
+        diffs.append("tokenizer (the dataset was prepared with another one)")
+    if diffs:
+        raise ValueError(f"cannot resume {cfg['out_dir']}: {', '.join(diffs)} differ from the "
+                         "checkpoint; resume with its config, or start anew with another --out_dir")
+
+
+def run_main(script, defaults, train, argv):
+    """A training stage's command line: `python SCRIPT config/FILE.py [--key=value ...]`.
+
+    Every key of `defaults` can come from the file or the command line;
+    load_config prints the result, so each log starts with exactly what ran.
+    Bad input ends in one line naming the problem; under torchrun every process
+    leaves in order.
+    """
+    import sys
+    import traceback
+
+    import torch.distributed as dist
+
+    if not argv or argv[0].startswith("--"):
+        sys.exit(f"usage: python {script} config/FILE.py [--key=value ...]")
+    try:
+        result = train(load_config(argv[0], defaults, argv[1:]))
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: the message is the help
+        print(f"{script}: {e}", file=sys.stderr)
+        shutdown(1) if dist.is_initialized() else sys.exit(1)
+    except BaseException:
+        if dist.is_initialized():
+            traceback.print_exc()
+            shutdown(1)
+        raise
+    print(f"done: step {result['step']}, val loss {result.get('val_loss')}")
+    if dist.is_initialized():
+        shutdown(0)
+    return result
+
+
+def shutdown(code):
+    """Leave a torchrun process. subtle: with torch 2.13 on CPU, gloo sometimes aborts
+    (SIGABRT in a destructor at interpreter exit) after a run that finished correctly.
+    An orderly teardown, flushed output, then os._exit skips those destructors."""
+    import sys
+
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 #< L08
+#> L09 load-run
+
+
+def load_run(path, device="cpu"):
+    """(model, tokenizer, checkpoint) from a run folder or a ckpt.pt, wherever it was
+    copied: the checkpoint carries its tokenizer's state. Checkpoints written before
+    that stored the tokenizer file's path instead, which still works while the file is
+    there."""
+    from tokenizer import load_tokenizer  # only this helper needs it: model.py stays standalone
+
+    model, ckpt = CausalLM.from_checkpoint(path, device)
+    source = ckpt.get("tokenizer")
+    if source is None or (isinstance(source, str) and not Path(source).exists()):
+        raise FileNotFoundError(f"{path} has no tokenizer (an old checkpoint whose tokenizer file "
+                                f"{source} is gone): prepare the same dataset again, or retrain")
+    return model, load_tokenizer(source), ckpt
+#< L09
+#> L10 chat-plumbing
+
+
+# -----------------------------------------------------------------------------
+# Packing: several conversations in one row, each attending only to itself
+
+
+def packed_positions(segments):
+    """(B, T) segment ids -> positions (B, T) and an attention mask (B, 1, T, T).
+
+    A packed row holds several conversations back to back. Each must see the
+    model exactly as if it sat alone in its row: positions restart at 0 where
+    its segment starts, and a token attends to earlier tokens of its own
+    segment only -- the causal triangle cut into blocks along the diagonal.
+    Segments must be contiguous; any value works as long as neighbours differ.
+    >>> pos, mask = packed_positions(torch.tensor([[0, 0, 1, 1, 1]]))
+    >>> pos.tolist(), mask[0, 0].int().tolist()
+    ([[0, 1, 0, 1, 2]], [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]])
+    """
+    B, T = segments.shape
+    t = torch.arange(T, device=segments.device).expand(B, T)  # (B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # True where a segment begins
+    first = torch.where(starts, t, 0).cummax(dim=1).values  # where the current segment began
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T): same conversation
+    return t - first, (same & causal_mask(T, T, segments.device))[:, None]  # (B, 1, T, T)
+
+
+# -----------------------------------------------------------------------------
+# Chat plumbing: one reply through the template, and exact match with its error bar
+
+
+def chat_stream(model, tok, messages, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None,
+                generator=None):
+    """The assistant's reply to `messages` (ending with a user turn), as text pieces
+    while the tokens arrive (chat.py prints them as they come).
+
+    Renders the conversation for completion (it ends with <|assistant_start|>)
+    and stops at <|assistant_end|>: the end token the model was trained to
+    produce is what makes a chat model stop talking.
+    """
+    from tokenizer import decode_stream  # only the chat helpers need it: model.py stays standalone
+
+    ids, _ = tok.render_conversation(messages, for_completion=True)
+    end = tok.special_tokens["<|assistant_end|>"]
+    prompt = torch.tensor([ids], device=next(model.parameters()).device)
+    tokens = model.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          eos_id=end, generator=generator)
+    # A base model never learned <|assistant_end|>; its end of a document ends the reply too.
+    return decode_stream(tok, tokens, stop_ids={end, tok.special_tokens.get("<|endoftext|>")})
+
+
+def chat_reply(model, tok, messages, max_new_tokens=32, temperature=0.0, generator=None):
+    """The whole reply as one string (greedy by default): what evaluations compare."""
+    return "".join(chat_stream(model, tok, messages, max_new_tokens, temperature, generator=generator))
+
+
+def wilson_interval(right, n, z=1.96):
+    """95% confidence interval of an accuracy right/n (Wilson 1927).
+
+    The textbook p +- z sqrt(p(1-p)/n) collapses to zero width at p = 0 or 1
+    and leaves [0, 1]; Wilson's interval inverts the normal test instead:
+        center = (p + z^2/2n) / (1 + z^2/n)
+        half   = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2)
+    >>> [round(x, 3) for x in wilson_interval(8, 10)]
+    [0.49, 0.943]
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p, zz = right / n, z * z / n
+    center = (p + zz / 2) / (1 + zz)
+    half = z / (1 + zz) * math.sqrt(p * (1 - p) / n + zz / (4 * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def exact_match(model, tok, examples, max_new_tokens=16, progress=None):
+    """Greedy replies to each example's prompt, compared with its reference answer.
+
+    examples: message lists whose last message is the reference (assistant)
+    answer; the prompt is everything before it. Compared after stripping spaces
+    and case. Returns {accuracy, ci_low, ci_high (Wilson 95%), n, right, wrong,
+    replies}: right/wrong are the examples themselves, replies the model's
+    answers in the order of `examples`.
+    """
+    right, wrong, replies = [], [], []
+    for i, chat in enumerate(examples):
+        reply = chat_reply(model, tok, chat[:-1], max_new_tokens)
+        replies.append(reply)
+        ok = reply.strip().lower() == chat[-1]["content"].strip().lower()
+        (right if ok else wrong).append(chat)
+        if progress:
+            progress(i + 1, len(examples))
+    n = len(examples)
+    low, high = wilson_interval(len(right), n)
+    return {"accuracy": len(right) / max(n, 1), "ci_low": low, "ci_high": high, "n": n,
+            "right": right, "wrong": wrong, "replies": replies}
+#< L10

@@ -20,21 +20,24 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model import PRESETS, CausalLM, ModelConfig, load_config
+from model import PRESETS, CausalLM, ModelConfig
 from tokenizer import load_tokenizer
 
 #> L08 imports
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import choose_device, choose_dtype, load_checkpoint, save_checkpoint
+# The loop's plumbing (lesson 07's lr schedule and clipping included) lives in model.py:
+# sft.py and align.py run the same loop.
+from model import (check_resume, get_lr, load_checkpoint, optimizer_step, progress_line,
+                   resume_training, run_main, save_checkpoint, setup_device, setup_precision,
+                   training_state)
 #< L08
 
 # -----------------------------------------------------------------------------
@@ -114,7 +117,10 @@ class Batches:
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.device = torch.device(device)
 
+    #> L06 batches exercise
     def get(self, i):
+        """Batch number i: x (B, T) int64 token windows and y, the same windows shifted
+        left by one, on self.device. The same i always gives the same batch."""
         # A generator seeded by (seed, i) draws batch i's window starts: no state to save,
         # and process r of w taking numbers r, r + w, ... never repeats another's batches.
         rng = np.random.default_rng([self.seed, i])
@@ -126,6 +132,7 @@ class Batches:
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             xy = xy.pin_memory().to(self.device, non_blocking=True)
         return xy[:, :-1], xy[:, 1:]  # x (B, T), y (B, T)
+    #< L06
 #< L06
 #> L07 optim
 
@@ -245,29 +252,6 @@ def make_optimizer(model, cfg):
     raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; choose adamw or lion")
 
 
-#> L07 schedule exercise
-def get_lr(it, cfg):
-    """Linear warmup to lr, then cosine decay to min_lr at max_iters.
-
-    Warmup: Adam's early second-moment estimates are noisy, so large first
-    steps can diverge. Cosine: large steps while far from a minimum, small ones
-    at the end to settle into it.
-    """
-    if it < cfg["warmup_iters"]:
-        return cfg["lr"] * (it + 1) / cfg["warmup_iters"]
-    progress = min(1.0, (it - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"]))
-    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["lr"] - cfg["min_lr"])
-
-
-def clip_grad_norm(params, max_norm):
-    """Scale all gradients by min(1, max_norm / ||g||), ||g|| over all of them together;
-    returns ||g|| before clipping (logged: spikes warn of instability)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    if max_norm > 0:
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-    return norm
-#< L07
 #< L07
 #> L08 loop
 
@@ -302,18 +286,16 @@ def estimate_loss(model, batches, iters, autocast):
     return sum(losses) / len(losses)
 
 
-def setup_device(cfg):
-    """(ddp, rank, world, device, why). Under torchrun (which sets RANK, WORLD_SIZE,
-    LOCAL_RANK) there is one process per device; otherwise one process picks the best."""
-    if "RANK" not in os.environ:
-        return (False, 0, 1, *choose_device(cfg["device"]))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"  # nccl: GPUs; gloo: CPUs
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if backend == "nccl" else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return True, rank, world, device, f"{device} (torchrun rank {rank} of {world}, {backend})"
+# Keys a resumed run may change. The rest (model shape, data, batch, seed, optimizer kind
+# and betas, weight decay) define what the checkpoint was trained on and how: a change
+# would silently continue a different run.
+RESUMABLE = {
+    "max_iters", "min_lr",  # the schedule's tail: train longer, or end lower
+    "lr", "warmup_iters", "grad_clip",  # the remedies after a loss spike: a lower lr, clipping
+    "eval_interval", "eval_iters", "log_interval", "sample_tokens", "plot",  # what is printed
+    "resume", "device", "dtype", "compile", "peak_flops",  # how it runs, not what it learns
+    "data_dir",  # where the (same) dataset lives now; the tokenizer check catches another one
+}
 
 
 def train(cfg):
@@ -321,26 +303,24 @@ def train(cfg):
     ddp, rank, world, device, why = setup_device(cfg)
     master = rank == 0  # only one process prints, samples and writes files
     log = print if master else (lambda *a, **k: None)
-    dtype, dtype_why = choose_dtype(device, cfg["dtype"])
-    log(f"device: {why}; precision: {dtype_why}")
-    # autocast runs matmuls in bf16/fp16 and keeps precision-sensitive ops (softmax, norms,
-    # the loss) in fp32; the weights and the optimizer stay fp32 throughout.
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # no-op unless fp16
+    autocast, scaler, precision = setup_precision(device, cfg["dtype"])
+    log(f"device: {why}; precision: {precision}")
 
     out = Path(cfg["out_dir"])
     ckpt_path, step = out / "ckpt.pt", 0
     ckpt = load_checkpoint(ckpt_path, map_location=device) if cfg["resume"] else None  # fail fast
+    if ckpt:
+        check_resume(ckpt, cfg, RESUMABLE)
     folder, meta = ensure_data(cfg)
     mcfg = build_model(cfg, meta)
+    tok = load_tokenizer(folder / meta["tokenizer"])
+    if ckpt:
+        check_resume(ckpt, cfg, RESUMABLE, mcfg, tok)
     torch.manual_seed(cfg["seed"])  # the same init on every rank (DDP also broadcasts rank 0's)
     model = CausalLM(mcfg).to(device)
     optimizer = make_optimizer(model, cfg)
     if ckpt:  # everything that shapes the next step comes back, so the run continues exactly
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])  # Adam's moments: without them, a jolt
-        step = ckpt["step"]  # also the lr schedule's position and the next batch number
-        torch.set_rng_state(ckpt["rng"])  # dropout masks continue as if never stopped
+        step = resume_training(ckpt, model, optimizer)
         log(f"resumed from {ckpt_path} at step {step}")
     raw = model  # checkpoints store the plain module, not the compiled or DDP wrapper
     if cfg["compile"]:  # traces the model into fused kernels: slow first step, faster after
@@ -355,14 +335,10 @@ def train(cfg):
 
     def checkpoint():
         if master:
-            save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "step": step, "rng": torch.get_rng_state(), "config": cfg,
-                                        "model_config": mcfg.__dict__, "data": str(folder),
-                                        "tokenizer": str((folder / meta["tokenizer"]).resolve())})
+            save_checkpoint(ckpt_path, training_state(raw, optimizer, step, cfg, tok, data=str(folder)))
 
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "log.jsonl", "a") if master else None
-    tok = load_tokenizer(folder / meta["tokenizer"])
     history, t0, t_start, step0 = {}, time.time(), time.time(), step
     try:
         while step < cfg["max_iters"]:
@@ -383,14 +359,7 @@ def train(cfg):
             if ddp:  # the loss of the whole step, not just this rank's share (for logs)
                 dist.all_reduce(loss)  # a sum (gloo has no AVG): divide by the process count
                 loss /= world
-            if not math.isfinite(loss.item()):  # stop before a NaN reaches a checkpoint
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}: training diverged. "
-                                         f"The last good checkpoint stays at {ckpt_path}; try a lower lr")
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            norm = clip_grad_norm(raw.parameters(), cfg["grad_clip"])
-            scaler.step(optimizer)  # with fp16: skipped if the scaled gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)  # None, not zeros: frees memory, skips a fill
+            norm = optimizer_step(raw, optimizer, scaler, loss, cfg["grad_clip"], step, ckpt_path)
             step += 1
             if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
                 dt = (time.time() - t0) / cfg["log_interval"]  # includes any eval in the interval
@@ -398,9 +367,7 @@ def train(cfg):
                 rate = tokens_per_step / dt
                 eta = (cfg["max_iters"] - step) * (time.time() - t_start) / (step - step0)
                 mfu = f" mfu {raw.mfu(rate, cfg['peak_flops']):.1%}" if cfg["peak_flops"] else ""
-                log(f"step {step}/{cfg['max_iters']}  loss {loss.item():.4f}  lr {lr:.2e}  "
-                    f"grad norm {norm.item():.2f}  {dt * 1000:.0f} ms/step  {rate:,.0f} tok/s{mfu}  "
-                    f"ETA {eta / 60:.1f} min")
+                log(progress_line(step, cfg["max_iters"], loss.item(), lr, norm.item(), dt, rate, eta, mfu))
                 history = {"step": step, "tokens": step * tokens_per_step, "train_loss": loss.item(),
                            "lr": lr, "grad_norm": norm.item(), "ms_per_step": dt * 1000, "tok_per_s": rate}
             if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
@@ -460,37 +427,6 @@ def plot(out):
     print(f"wrote {out / 'loss.png'}")
 
 
-def main(argv):
-    if not argv or argv[0].startswith("--"):
-        sys.exit("usage: python pretrain.py config/FILE.py [--key=value ...]")
-    # Every key of DEFAULTS can come from the file or the command line; load_config
-    # prints the result, so each log starts with exactly what ran.
-    try:
-        cfg = load_config(argv[0], DEFAULTS, argv[1:])
-        result = train(cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: the message is the help
-        print(f"pretrain.py: {e}", file=sys.stderr)
-        shutdown(1) if dist.is_initialized() else sys.exit(1)
-    except BaseException:
-        if dist.is_initialized():
-            traceback.print_exc()
-            shutdown(1)
-        raise
-    print(f"done: step {result['step']}, val loss {result['val_loss']}")
-    if dist.is_initialized():
-        shutdown(0)
-
-
-def shutdown(code):
-    """Leave a torchrun process. subtle: with torch 2.13 on CPU, gloo sometimes aborts
-    (SIGABRT in a destructor at interpreter exit) after a run that finished correctly.
-    An orderly teardown, flushed output, then os._exit skips those destructors."""
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main("pretrain.py", DEFAULTS, train, sys.argv[1:])
 #< L08

@@ -28,8 +28,10 @@ import heapq
 import json
 import sys
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from itertools import chain
+from pathlib import Path
 
 import regex  # the `regex` package (tiktoken depends on it): \p{L} classes, possessives
 
@@ -40,6 +42,18 @@ import regex  # the `regex` package (tiktoken depends on it): \p{L} classes, pos
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 
+#> L10 chat-tokens
+# The chat template's structure tokens (lesson 10). A conversation is one token
+# stream; these mark where it begins and where each role's turn starts and ends.
+# Being special tokens, they are single ids that no user text can spell: encode()
+# refuses their text in content, so "<|user_end|>" typed by a user stays letters.
+CHAT_TOKENS = [
+    "<|bos|>",  # begin of conversation: the model's first input, attends-to-anchor
+    "<|system_start|>", "<|system_end|>",  # optional instructions for the whole chat
+    "<|user_start|>", "<|user_end|>",  # what the person says
+    "<|assistant_start|>", "<|assistant_end|>",  # what the model says; _end = stop generating
+]
+#< L10
 NEVER = float("inf")  # the rank of a pair that was never merged
 FORMAT_VERSION = 1  # bump when the JSON layout changes; load() refuses other versions
 
@@ -78,28 +92,40 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
 
+    def state(self):
+        """Everything needed to rebuild the tokenizer, as plain JSON-able values."""
+        return {"format": "intro2llm-char", "version": FORMAT_VERSION, "chars": self.chars}
+
+    @classmethod
+    def from_state(cls, data, where="tokenizer state"):
+        return cls(_check_state(data, "intro2llm-char", where)["chars"])
+
     def save(self, path):
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"format": "intro2llm-char", "version": FORMAT_VERSION, "chars": self.chars}, f)
+            json.dump(self.state(), f)
 
     @classmethod
     def load(cls, path):
-        return cls(_read_json(path, "intro2llm-char")["chars"])
+        return cls.from_state(_read_json(path), path)
 
 
-def _read_json(path, kind):
-    """Parse a tokenizer file, refusing anything that is not ours or not this version."""
+def _read_json(path):
+    """Parse a tokenizer file; `from_state` then checks that it is ours."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read tokenizer file {path}: {e}; "
                          "retrain it with `python tokenizer.py train`") from None
+
+
+def _check_state(data, kind, where):
+    """Refuse a state (from a file or a checkpoint) that is not ours or not this version."""
     kinds = (kind,) if isinstance(kind, str) else kind
     if not isinstance(data, dict) or data.get("format") not in kinds:
-        raise ValueError(f"{path} is not a {' or '.join(kinds)} tokenizer file")
+        raise ValueError(f"{where} is not a {' or '.join(kinds)} tokenizer file")
     if data.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {data.get('version')}, this code reads "
+        raise ValueError(f"{where} has format version {data.get('version')}, this code reads "
                          f"version {FORMAT_VERSION}; retrain it with `python tokenizer.py train`")
     return data
 
@@ -266,6 +292,10 @@ class BPETokenizer:
         self.merges = {}
         self.special_names = list(special_tokens)  # registered by name, ids given by train()
         self.special_tokens = {}
+        # Two rules some Hugging Face tokenizers add (from_hf sets them): Unicode NFC
+        # normalisation of the text first (Qwen2/3), and a chunk that is itself a token
+        # encodes as that token without merging (Llama 3's "ignore_merges", tiktoken's rule).
+        self.nfc = self.ignore_merges = False
         self._build()
 
     def _build(self):
@@ -273,9 +303,13 @@ class BPETokenizer:
         self.vocab = {i: bytes([b]) for b, i in enumerate(self.byte_ids)}
         for (a, b), i in self.merges.items():
             self.vocab[i] = self.vocab[a] + self.vocab[b]
+        encode = self._encode_chunk
+        if self.ignore_merges:  # bytes -> id of every ordinary token (specials are not text)
+            whole = {self.vocab[i]: i for i in self.vocab}
+            encode = lambda chunk: [whole[b]] if (b := chunk.encode("utf-8")) in whole else self._encode_chunk(chunk)
         for name, i in self.special_tokens.items():
             self.vocab[i] = name.encode("utf-8")
-        self.cache = ChunkCache(self._encode_chunk)  # chunk -> ids, filled on first use
+        self.cache = ChunkCache(encode)  # chunk -> ids, filled on first use
 
     @property
     def vocab_size(self):
@@ -343,6 +377,8 @@ class BPETokenizer:
         Text repeats its words, so each distinct chunk is encoded once and then
         served from `self.cache`: on Tiny Shakespeare 263k chunks are 15k distinct.
         """
+        if self.nfc:  # "é" typed as e + U+0301 becomes the single character U+00E9
+            text = unicodedata.normalize("NFC", text)
         return list(chain.from_iterable(map(self.cache.__getitem__, self.split(text))))
 
     def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
@@ -424,27 +460,129 @@ class BPETokenizer:
         tok._build()
         return tok
 
+    @classmethod
+    def from_hf(cls, path):
+        """Read a Hugging Face tokenizer.json of the byte-level BPE kind (GPT-2,
+        Llama 3, Qwen2/3) into our tokenizer: the same ids as the `tokenizers`
+        library for any text, special tokens included.
+
+        Such a file stores tokens as text: each byte is shown as a printable
+        character (byte_to_unicode), so vocab maps e.g. "Ġthe" (" the") to an id
+        and merges lists pairs in priority order. The split regex sits in the
+        pre-tokenizer; added_tokens carry the specials with their ids.
+        """
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        data = _read_json(file)
+        model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+        if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
+            raise ValueError(f"{file}: only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) are "
+                             f"supported; this is {model.get('type')} with pre-tokenizer "
+                             f"{pre.get('type')} (SentencePiece/Unigram and WordPiece are not)")
+        if (data.get("normalizer") or {}).get("type") not in (None, "NFC"):
+            raise ValueError(f"{file}: normalizer {data['normalizer']['type']} is not supported (NFC is)")
+        tok = cls(_hf_split_pattern(pre, file))
+        char = byte_to_unicode()
+        vocab = model["vocab"]  # token text -> id
+        try:
+            tok.byte_ids = [vocab[char[b]] for b in range(256)]
+        except KeyError as e:
+            raise ValueError(f"{file}: byte {e.args[0]!r} has no token; a byte-level BPE must "
+                             "cover all 256 bytes") from None
+        for pair in model["merges"]:
+            a, b = pair.split(" ") if isinstance(pair, str) else pair  # old and new file formats
+            tok.merges[vocab[a], vocab[b]] = vocab[a + b]
+        # subtle: we replay merges by the new token's id (as tiktoken does), the file by the
+        # merge's position in the list; they agree exactly when ids grow along the list.
+        if list(tok.merges.values()) != sorted(tok.merges.values()):
+            raise ValueError(f"{file}: merge priorities do not follow token ids; not supported")
+        tok.special_tokens = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+        tok.special_names = sorted(tok.special_tokens, key=tok.special_tokens.get)
+        tok.nfc = (data.get("normalizer") or {}).get("type") == "NFC"
+        tok.ignore_merges = bool(model.get("ignore_merges"))
+        tok._build()
+        return tok
+
+    #> L10 template exercise
+    # ---- the chat template (lesson 10) -------------------------------------
+
+    def render_conversation(self, messages, for_completion=False):
+        """A conversation -> (ids, mask): the token stream and which tokens to learn.
+
+        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...],
+        an optional system message first, then user and assistant alternating.
+        The layout, one line per turn (spaces here only for reading):
+
+            <|bos|> <|system_start|> Be brief. <|system_end|>
+            <|user_start|> 2+2? <|user_end|>
+            <|assistant_start|> 4 <|assistant_end|>       mask 1 on "4 <|assistant_end|>"
+
+        mask[i] = 1 exactly where ids[i] is something the model must learn to
+        say: each assistant turn's content and its end token (so it learns when
+        to stop). Everything else -- structure, system, user -- is context.
+        for_completion=True renders the prompt for generating the next reply: the
+        last message must be the user's, and the stream ends with
+        <|assistant_start|>, where the model takes over.
+
+        Content is encoded with every special token disallowed: a user who
+        types "<|user_end|>" gets an error, never a structure token.
+        """
+        if missing := [t for t in CHAT_TOKENS if t not in self.special_tokens]:
+            raise ValueError(f"this tokenizer has no chat tokens {missing}: rebuild it with "
+                             "`python data/prepare.py storyworld` (it reserves them) and pretrain again")
+        if not messages:
+            raise ValueError("a conversation needs at least one message")
+        sp = self.special_tokens
+        ids, mask = [sp["<|bos|>"]], [0]
+        for i, msg in enumerate(messages):
+            role, content = _check_message(messages, i, for_completion)
+            try:  # subtle: the default disallowed_special="all" is what keeps text out of structure
+                body = self.encode(content)
+            except ValueError as e:
+                raise ValueError(f"message {i} ({role}): {e}") from None
+            learn = int(role == "assistant")
+            ids += [sp[f"<|{role}_start|>"], *body, sp[f"<|{role}_end|>"]]
+            # The start token is a given (we put it there); the content and the end token
+            # are the reply the model must produce, ending included.
+            mask += [0] + [learn] * (len(body) + 1)
+        if for_completion:
+            ids.append(sp["<|assistant_start|>"])
+            mask.append(0)
+        return ids, mask
+    #< L10
+
     # ---- saving and inspecting -------------------------------------------
 
-    def save(self, path):
-        """One readable JSON file; merges in learning order as [a, b, new_id]."""
-        data = {"format": "intro2llm-bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
+    def state(self):
+        """Plain lists, dicts, ints and strings: a JSON file's content, and also what a
+        checkpoint stores, since torch.load(weights_only=True) accepts exactly these.
+        Merges in learning order as [a, b, new_id]."""
+        return {"format": "intro2llm-bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
                 "byte_ids": self.byte_ids, "special_tokens": self.special_tokens,
-                "merges": [[a, b, i] for (a, b), i in self.merges.items()]}
+                "merges": [[a, b, i] for (a, b), i in self.merges.items()],
+                **{k: True for k in ("nfc", "ignore_merges") if getattr(self, k)}}
+
+    def save(self, path):
+        """One readable JSON file."""
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=0)
+            json.dump(self.state(), f, ensure_ascii=False, indent=0)
 
     @classmethod
     def load(cls, path):
-        data = _read_json(path, "intro2llm-bpe")
+        return cls.from_state(_read_json(path), path)
+
+    @classmethod
+    def from_state(cls, data, where="tokenizer state"):
+        data = _check_state(data, "intro2llm-bpe", where)
         try:
             tok = cls(data["pattern"], data["special_tokens"])
             tok.byte_ids = list(data["byte_ids"])
             tok.merges = {(a, b): i for a, b, i in data["merges"]}
             tok.special_tokens = dict(data["special_tokens"])
+            tok.nfc, tok.ignore_merges = data.get("nfc", False), data.get("ignore_merges", False)
             tok._build()
         except (KeyError, TypeError, ValueError, regex.error) as e:
-            raise ValueError(f"tokenizer file {path} is damaged ({type(e).__name__}: {e}); "
+            raise ValueError(f"{where} is damaged ({type(e).__name__}: {e}); "
                              "retrain it with `python tokenizer.py train`") from None
         return tok
 
@@ -455,6 +593,37 @@ class BPETokenizer:
         pair = next(((a, b) for (a, b), j in self.merges.items() if j == i), None)
         parts = f"[{show(pair[0])}][{show(pair[1])}] -> " if pair else ""
         return f"{i:6d}  {parts}'{show(i)}'"
+
+
+def byte_to_unicode():
+    """The printable character GPT-2's files use for each byte (Radford et al. 2019).
+
+    Bytes that are visible Latin-1 characters stand for themselves; the other 68
+    (controls, space, soft hyphen...) are moved to 256, 257, ... in byte order,
+    so every token prints without whitespace or control codes: " the" is "Ġthe"
+    because byte 32 is the 33rd moved byte, chr(256 + 32).
+    >>> byte_to_unicode()[ord(" ")], byte_to_unicode()[ord("A")]
+    ('Ġ', 'A')
+    """
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    moved = [b for b in range(256) if b not in visible]
+    return {**{b: chr(b) for b in visible}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+def _hf_split_pattern(pre, file):
+    """The chunking regex of a tokenizer.json pre-tokenizer: a Split step's regex
+    (Llama 3, Qwen) or ByteLevel's built-in GPT-2 regex (use_regex true)."""
+    steps = pre.get("pretokenizers", [pre])
+    for step in steps:
+        if step.get("type") == "Split":
+            if step.get("behavior") != "Isolated" or step.get("invert"):
+                raise ValueError(f"{file}: only Split with behavior Isolated is supported")
+            return step["pattern"]["Regex"]
+        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            if step.get("add_prefix_space"):
+                raise ValueError(f"{file}: ByteLevel add_prefix_space=true is not supported")
+            return GPT2_SPLIT_PATTERN
+    raise ValueError(f"{file}: no split regex found in the pre-tokenizer")
 
 
 def _bpe_parts(token, ranks, max_rank):
@@ -475,12 +644,116 @@ def _bpe_parts(token, ranks, max_rank):
     return parts
 
 
+#> L10 conversations
+# -----------------------------------------------------------------------------
+# Conversations: the rules of the template, and chat JSONL files
+
+
+def _check_message(messages, i, for_completion):
+    """(role, content) of messages[i], or a ValueError saying what breaks the template:
+    system only first, then user, assistant, user, ... ending where the use needs it."""
+    msg, role_of = messages[i], lambda m: m.get("role") if isinstance(m, dict) else None
+    if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
+        raise ValueError(f"message {i} must be {{\"role\": ..., \"content\": \"text\"}}, got {msg!r}")
+    role = msg.get("role")
+    if role not in ("system", "user", "assistant"):
+        raise ValueError(f"message {i} has unknown role {role!r}; use system, user or assistant")
+    first = 1 if role_of(messages[0]) == "system" else 0  # index of the first user turn
+    expected = "system" if i < first else ("user", "assistant")[(i - first) % 2]
+    if role != expected:
+        raise ValueError(f"message {i} is {role!r} where {expected!r} was expected: a conversation "
+                         "is an optional system message, then user and assistant turns alternating")
+    if i == len(messages) - 1 and role != ("user" if for_completion else "assistant"):
+        raise ValueError("a conversation to generate from must end with a user message" if for_completion
+                         else "a training conversation must end with an assistant message")
+    return role, msg["content"]
+
+
+def _alpaca(row):
+    """Convert an Alpaca line {"instruction", "input", "output"} (Taori et al. 2023) to
+    messages: the instruction and the optional input form the user turn.
+
+    >>> _alpaca({"instruction": "Add.", "input": "2+2", "output": "4"})
+    [{'role': 'user', 'content': 'Add.\\n\\n2+2'}, {'role': 'assistant', 'content': '4'}]
+    """
+    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+
+
+def read_conversations(path, tok=None):
+    """Every conversation of a JSONL file as a list of messages, checked up front.
+
+    Each line is {"messages": [...]} (the format of OpenAI's fine-tuning API and
+    of Hugging Face chat datasets) or an Alpaca line, converted on read. A bad
+    line raises ValueError naming the file, the line and the problem, before any
+    training starts. Every conversation ends with an assistant message: the
+    target in training, the reference answer in eval and RL. With `tok`, the
+    result is each conversation rendered, (ids, mask) (what sft.py trains on),
+    so special-token text in content is caught with its line number too.
+    """
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # blank lines, e.g. a trailing one, carry nothing
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                if "messages" in row:
+                    messages = row["messages"]
+                elif {"instruction", "output"} <= row.keys():
+                    messages = _alpaca(row)
+                else:
+                    raise ValueError(f"expected a \"messages\" list or Alpaca keys instruction/input/"
+                                     f"output, got keys {sorted(row)}")
+                if not isinstance(messages, list) or not messages:
+                    raise ValueError("\"messages\" must be a non-empty list")
+                for i in range(len(messages)):
+                    _check_message(messages, i, False)
+                out.append(messages if tok is None else tok.render_conversation(messages))
+            except (ValueError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"{path}:{n}: {e}") from None
+    if not out:
+        raise ValueError(f"{path} holds no conversations")
+    return out
+#< L10
+
+
 #> L06 load-any
-def load_tokenizer(path):
-    """Load a saved CharTokenizer or BPETokenizer, whichever the file holds."""
-    kind = _read_json(path, ("intro2llm-char", "intro2llm-bpe"))["format"]
-    return (CharTokenizer if kind == "intro2llm-char" else BPETokenizer).load(path)
+def load_tokenizer(source):
+    """A CharTokenizer or BPETokenizer, whichever `source` holds: a file path, or the
+    state dict a checkpoint carries (so a run folder works wherever it is copied)."""
+    where = "the checkpoint's tokenizer" if isinstance(source, dict) else source
+    data = source if isinstance(source, dict) else _read_json(source)
+    kind = _check_state(data, ("intro2llm-char", "intro2llm-bpe"), where)["format"]
+    return (CharTokenizer if kind == "intro2llm-char" else BPETokenizer).from_state(data, where)
 #< L06
+#> L09 decode-stream
+
+
+def decode_stream(tok, tokens, stop_ids=()):
+    """Yield text pieces as token ids arrive (chat.py prints them as they come).
+
+    subtle: a BPE token can end in the middle of a UTF-8 character, so one
+    token's bytes may not decode alone. We decode everything so far and hold
+    the text back while its tail is incomplete (U+FFFD), yielding only the new
+    part. Stops at the first id in stop_ids (not yielded).
+    >>> tok = BPETokenizer()  # bytes only: "é" is two tokens, 0xC3 0xA9
+    >>> list(decode_stream(tok, [104, 0xC3, 0xA9, 33, 0, 104], stop_ids={0}))
+    ['h', 'é', '!']
+    """
+    new, shown = [], 0
+    for t in tokens:
+        t = int(t)  # a 0-d or one-element tensor from model.stream, or an int
+        if t in stop_ids:
+            return
+        new.append(t)
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):
+            yield text[shown:]
+            shown = len(text)
+#< L09
 
 
 # -----------------------------------------------------------------------------
@@ -500,6 +773,23 @@ def show(tok, text, color=None):
     return f"{line}\n{len(ids)} tokens: {ids}"
 
 
+#> L10 show-chat
+def show_conversation(tok, messages, color=None):
+    """The rendered conversation with the supervised tokens (mask 1) highlighted:
+    green on a terminal, [in brackets] otherwise. The picture of the loss mask."""
+    color = sys.stdout.isatty() if color is None else color
+    ids, mask = tok.render_conversation(messages)
+    out, prev = [], 0
+    for i, m in zip(ids, mask):
+        if m != prev:  # a supervised span opens or closes here
+            out.append(("\x1b[42m\x1b[30m" if m else "\x1b[0m") if color else ("[" if m else "]"))
+            prev = m
+        out.append(tok.decode([i]))
+    out.append(("\x1b[0m" if color else "]") if prev else "")
+    return f"{''.join(out)}\n{len(ids)} tokens, {sum(mask)} supervised (the loss is computed on these)"
+#< L10
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Train or inspect a byte-level BPE tokenizer.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -512,11 +802,27 @@ def main(argv=None):
     sh = sub.add_parser("show", help="show how a saved tokenizer splits some text")
     sh.add_argument("path")
     sh.add_argument("text")
+    #> L10 show-chat
+    ch = sub.add_parser("chat", help="show a conversation of a chat JSONL file and its loss mask")
+    ch.add_argument("path")
+    ch.add_argument("--index", type=int, default=0, help="which conversation (0 = the first)")
+    ch.add_argument("--tokenizer", default="data/storyworld/tokenizer.json")
+    #< L10
     args = ap.parse_args(argv)
 
     if args.cmd == "show":
         print(show(BPETokenizer.load(args.path), args.text))
         return
+    #> L10 show-chat
+    if args.cmd == "chat":
+        tok = BPETokenizer.load(args.tokenizer)
+        try:
+            conversations = read_conversations(args.path)
+            print(show_conversation(tok, conversations[args.index]))
+        except (ValueError, IndexError, OSError) as e:
+            sys.exit(f"tokenizer.py chat: {e}")
+        return
+    #< L10
     with open(args.input, encoding="utf-8") as f:
         text = f.read()
     pattern = GPT2_SPLIT_PATTERN if args.pattern == "gpt2" else GPT4_SPLIT_PATTERN

@@ -32,6 +32,9 @@ sys.path.insert(0, str(HERE))
 
 import storyworld  # noqa: E402
 from tokenizer import BPETokenizer, CharTokenizer  # noqa: E402
+#> L10 chat-tokens
+from tokenizer import CHAT_TOKENS  # noqa: E402
+#< L10
 
 EOT = "<|endoftext|>"
 SOURCES = {
@@ -135,11 +138,29 @@ def prepare_storyworld(out, stories=14000, val_stories=700, vocab_size=2048, see
     val = [s.text for s in storyworld.stories(seed, stories, val_stories)]
     print(f"generated {stories + val_stories:,} stories ({sum(map(len, train)) / 1e6:.1f} MB) "
           f"in {time.time() - t0:.1f}s; the world holds ~10^{storyworld.count_stories():.0f}")
-    tok = BPETokenizer(special_tokens=[EOT]).train("\n".join(train), vocab_size)
+    specials = [EOT]
+    #> L10 chat-tokens
+    # Reserve the chat template's tokens now: pretraining never sees them, but the base
+    # model then has an embedding row for each, and sft.py fine-tunes it with no surgery.
+    specials += CHAT_TOKENS
+    #< L10
+    tok = BPETokenizer(special_tokens=specials).train("\n".join(train), vocab_size)
     return write_dataset(out, tok, "bpe", encode_documents(tok, train), encode_documents(tok, val),
                          "storyworld", seed=seed, eot_id=tok.special_tokens[EOT])
 
 
+#> L10 sft-data
+def prepare_sft(out, stories=14000, val_stories=700, seed=1337):
+    """The chat JSONL files of lesson 10, split by story exactly as prepare_storyworld:
+    held-out conversations are about the stories pretraining kept for validation."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, chats in storyworld.sft_sets(seed, stories, val_stories).items():
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"messages": chat}) + "\n" for chat in chats)
+        print(f"wrote {out / name}.jsonl: {len(chats):,} conversations")
+
+
+#< L10
 def read_source(name, source, out):
     url, digest = SOURCES[name]
     if source:  # a file the user brought: check it like a download
@@ -173,7 +194,11 @@ def prepare_tinystories(out, max_mb=20, vocab_size=4096, source=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Prepare token files for pretrain.py.")
-    ap.add_argument("dataset", choices=["storyworld", "shakespeare_char", "shakespeare", "tinystories"])
+    datasets = ["storyworld", "shakespeare_char", "shakespeare", "tinystories"]
+    #> L10 sft-data
+    datasets.append("sft")  # chat JSONL for sft.py, from the story world
+    #< L10
+    ap.add_argument("dataset", choices=datasets)
     ap.add_argument("--out", help="folder (default data/<dataset>)")
     ap.add_argument("--source", help="a local copy of the corpus instead of downloading")
     ap.add_argument("--stories", type=int, default=14000, help="storyworld: training stories")
@@ -183,6 +208,10 @@ def main(argv=None):
     vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}
     if args.dataset == "storyworld":
         return prepare_storyworld(out, args.stories, max(1, args.stories // 20), **vocab)
+    #> L10 sft-data
+    if args.dataset == "sft":
+        return prepare_sft(out, args.stories, max(1, args.stories // 20))
+    #< L10
     if args.dataset == "tinystories":
         return prepare_tinystories(out, source=args.source, **vocab)
     return prepare_shakespeare(out, args.dataset == "shakespeare_char", source=args.source, **vocab)

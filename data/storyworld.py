@@ -220,6 +220,77 @@ def preference_pairs(story, rng):
     return pairs
 
 
+#> L10 sft-data
+# -----------------------------------------------------------------------------
+# Conversations for supervised fine-tuning (lesson 10), in the chat format:
+# lists of {"role", "content"} messages, the assistant's answers exact.
+
+SYSTEM_PROMPTS = ["You answer questions about stories.", "Answer in a few words.",
+                  "You are a helpful assistant."]
+
+
+def question_turn(story, question):
+    """The user's content for a question about a story: the story, then the question.
+
+    >>> question_turn(Story("Tom had a cat."), "Who had a cat?")
+    'Tom had a cat.\\nQuestion: Who had a cat?'
+    """
+    return f"{story.text}\nQuestion: {question}"
+
+
+def turn(role, content):
+    return {"role": role, "content": content}
+
+
+def story_conversation(story, rng, questions=1):
+    """A chat about one story: the story and a first question, then follow-up questions
+    (each answered exactly); one time in five a system message comes first."""
+    chat = [turn("system", rng.choice(SYSTEM_PROMPTS))] if rng.random() < 0.2 else []
+    for k, (question, answer) in enumerate(rng.sample(story_questions(story), questions)):
+        chat += [turn("user", question_turn(story, question) if k == 0 else question),
+                 turn("assistant", answer)]
+    return chat
+
+
+def arithmetic_conversation(rng):
+    question, answer = arithmetic(rng)
+    return [turn("user", question), turn("assistant", answer)]
+
+
+def sft_sets(seed, train_stories, val_stories, arith_train=5000, arith_eval=500):
+    """The built-in SFT data, split by story like the pretraining corpus: stories
+    0..train_stories-1 (pretraining's train split) for training, the next
+    val_stories (its val split, never trained on by either stage) held out.
+
+    train / val:  one conversation per story -- a third a single question, the rest
+                  3-5 questions about the same story (more answers for the same
+                  story's tokens) -- mixed with arithmetic.
+    eval_story:   one question per held-out story, no system message (exact match).
+    eval_arith:   arithmetic problems that do not occur in train.
+    """
+    rng = random.Random(f"{seed}-sft")
+
+    def chats(start, count):
+        return [story_conversation(s, rng, 1 if rng.random() < 1 / 3 else rng.randint(3, 5))
+                for s in stories(seed, start, count)]
+
+    train = chats(0, train_stories) + [arithmetic_conversation(rng) for _ in range(arith_train)]
+    seen = {c[0]["content"] for c in train}
+    val = chats(train_stories, val_stories) + [arithmetic_conversation(rng) for _ in range(arith_eval)]
+    eval_story = [[turn("user", question_turn(s, q)), turn("assistant", a)]
+                  for s in stories(seed, train_stories, val_stories)
+                  for q, a in [rng.choice(story_questions(s))]]
+    eval_arith = []
+    while len(eval_arith) < arith_eval:  # unseen problems: a test of arithmetic, not of memory
+        chat = arithmetic_conversation(rng)
+        if chat[0]["content"] not in seen:
+            eval_arith.append(chat)
+            seen.add(chat[0]["content"])
+    rng.shuffle(train)  # stories and sums interleaved, so every batch sees both
+    return {"train": train, "val": val, "eval_story": eval_story, "eval_arith": eval_arith}
+#< L10
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Print stories of the built-in world.")
     ap.add_argument("--seed", type=int, default=1337)

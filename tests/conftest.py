@@ -24,3 +24,24 @@ def shared():
     if not (SHARED / "data").is_dir():
         pytest.skip(f"needs the course's shared data folder at {SHARED} (set INTRO2LLM_SHARED)")
     return SHARED
+#> L08 ctrl-c
+
+
+@pytest.fixture
+def ctrl_c_at(monkeypatch):
+    """ctrl_c_at(module, step): the module's training loop gets a Ctrl-C (KeyboardInterrupt)
+    when it asks get_lr for `step` -- a run stopped mid-way, for resume tests.
+    monkeypatch.undo() lets the next run go on."""
+
+    def arm(module, step):
+        real = module.get_lr
+
+        def get_lr(it, cfg):
+            if it == step:
+                raise KeyboardInterrupt
+            return real(it, cfg)
+
+        monkeypatch.setattr(module, "get_lr", get_lr)
+
+    return arm
+#< L08

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain import AdamW, Lion, clip_grad_norm, cross_entropy, get_lr, param_groups
+from model import clip_grad_norm, get_lr
+from pretrain import AdamW, Lion, cross_entropy, param_groups
 
 
 def test_cross_entropy_matches_torch_with_ignore_index():

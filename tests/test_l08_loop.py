@@ -44,19 +44,12 @@ def test_training_lowers_the_loss_and_writes_checkpoint_and_log(data_dir, tmp_pa
     assert {"step", "tokens", "train_loss", "lr", "grad_norm", "ms_per_step", "tok_per_s"} <= log[0].keys()
 
 
-def test_resume_is_bit_identical(data_dir, tmp_path, monkeypatch):
+def test_resume_is_bit_identical(data_dir, tmp_path, monkeypatch, ctrl_c_at):
     """20 steps straight == 10 steps, Ctrl-C, resume, 10 more: every parameter bit-equal.
     Guards everything a resume must restore: weights, optimizer moments, step, lr
     schedule, the data position and the RNG (dropout is on)."""
     pretrain.train(config(data_dir, tmp_path / "straight", dropout=0.1, eval_interval=7))
-    real_get_lr = pretrain.get_lr
-
-    def ctrl_c_at_10(it, cfg):
-        if it == 10:
-            raise KeyboardInterrupt
-        return real_get_lr(it, cfg)
-
-    monkeypatch.setattr(pretrain, "get_lr", ctrl_c_at_10)
+    ctrl_c_at(pretrain, 10)
     assert pretrain.train(config(data_dir, tmp_path / "split", dropout=0.1, eval_interval=7))["step"] == 10
     monkeypatch.undo()
     pretrain.train(config(data_dir, tmp_path / "split", dropout=0.1, eval_interval=7, resume=True))
@@ -74,6 +67,37 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_checkpoint(data_dir,
         pretrain.train(config(data_dir, tmp_path, max_iters=40, resume=True, lr=1e12, warmup_iters=0,
                               grad_clip=0.0, eval_interval=1000))
     assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_checkpoint_carries_its_tokenizer(data_dir, tmp_path):
+    """A checkpoint that stored only the path of its tokenizer file broke as soon as the run
+    folder or the data moved: the tokenizer's state must travel inside ckpt.pt."""
+    from tokenizer import BPETokenizer, load_tokenizer
+
+    pretrain.train(config(data_dir, tmp_path, max_iters=2))
+    state = load_checkpoint(tmp_path / "ckpt.pt")["tokenizer"]  # weights_only=True accepts it
+    original = BPETokenizer.load(data_dir / "storyworld" / "tokenizer.json")
+    assert state == original.state()
+    text = "One day, Lily found a red ball.<|endoftext|>"
+    ids = original.encode(text, allowed_special="all")
+    assert load_tokenizer(state).encode(text, allowed_special="all") == ids
+
+
+def test_resume_refuses_another_run_and_allows_a_longer_one(data_dir, tmp_path):
+    """--resume into another model shape used to fail inside load_state_dict with torch's
+    message, and into another batch size or dataset of the same shape to silently train
+    something else. Each difference is named; schedule and logging keys may change."""
+    pretrain.train(config(data_dir, tmp_path, max_iters=10))
+    resume = lambda data=data_dir, **kw: pretrain.train(config(data, tmp_path, max_iters=12, resume=True, **kw))
+    with pytest.raises(ValueError, match=r"cannot resume .*: batch_size 4 -> 8 differ from the checkpoint"):
+        resume(batch_size=8)
+    with pytest.raises(ValueError, match=r": n_embd 32 -> 64, head_dim 16 -> 32, n_inner 96 -> 192 differ"):
+        resume(n_embd=64)
+    other = tmp_path / "other"  # the same dataset name prepared with another vocabulary
+    prepare.prepare_storyworld(other / "storyworld", stories=300, val_stories=30, vocab_size=380)
+    with pytest.raises(ValueError, match=r"vocab_size 400 -> 380, tokenizer \(the dataset was prepared"):
+        resume(other)
+    assert resume(eval_interval=3, log_interval=2, lr=5e-4)["step"] == 12
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):

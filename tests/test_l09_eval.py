@@ -195,6 +195,36 @@ def test_eval_cli_writes_results_beside_the_checkpoint(ckpt, capsys):
     assert json.loads((ckpt / "eval_story.json").read_text())["items"] == 10
 
 
+def test_a_run_folder_works_wherever_it_is_copied(ckpt, tmp_path, capsys):
+    """eval.py and chat.py read the tokenizer from the checkpoint, not from the data folder
+    the run was trained on: copy the run away, remove the data, and both still work. An old
+    checkpoint that stored the tokenizer's path still loads while that file exists."""
+    import shutil
+
+    from model import load_checkpoint, load_run, save_checkpoint
+
+    moved = shutil.copytree(ckpt, tmp_path / "moved")
+    data = ckpt.parent / "data"
+    data.rename(ckpt.parent / "gone")
+    try:
+        E.main(["--ckpt", str(moved), "--task", "ppl", "story", "--limit", "3"])
+        out = capsys.readouterr().out
+        assert "ppl   skipped: the training data" in out and "story items 3" in out
+        r = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(moved)], input="/len 5\nOnce\n",
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert any(line.startswith("Once") and len(line) > 4 for line in r.stdout.splitlines())
+    finally:
+        (ckpt.parent / "gone").rename(data)
+    old = load_checkpoint(moved / "ckpt.pt")
+    save_checkpoint(moved / "ckpt.pt", {**old, "tokenizer": str(data / "storyworld" / "tokenizer.json")})
+    model, tok, _ = load_run(moved)
+    assert tok.state() == old["tokenizer"]
+    save_checkpoint(moved / "ckpt.pt", {**old, "tokenizer": str(tmp_path / "deleted.json")})
+    with pytest.raises(FileNotFoundError, match="old checkpoint whose tokenizer file .* is gone"):
+        load_run(moved)
+
+
 def test_chat_streams_obeys_temp_and_exits_cleanly(ckpt):
     run = lambda text: subprocess.run([sys.executable, str(ROOT / "chat.py"), str(ckpt)], input=text,
                                       capture_output=True, text=True, timeout=120)

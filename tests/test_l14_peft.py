@@ -7,14 +7,18 @@ outside the repository: here `import peft` is our peft.py, and bitsandbytes'
 """
 
 import importlib.metadata
+import json
 import math
+import shutil
 import statistics
 
 import pytest
 import torch
 
 import peft as P
-from model import CausalLM, ModelConfig
+import sft
+from model import CausalLM, ModelConfig, exact_match, load_checkpoint, save_checkpoint
+from test_l10_sft import FACTS, base, sft_config  # noqa: F401 (base is a fixture)
 
 
 def installed(name):
@@ -470,4 +474,57 @@ def test_apply_qlora_model():
     assert 0 < (out - base).abs().max() < 0.5  # only the 4-bit rounding differs at init
     with pytest.raises(ValueError, match="4-bit"):
         P.merge_lora(model)
+
+
+# -----------------------------------------------------------------------------
+# sft.py with LoRA and QLoRA
+
+
+@pytest.fixture(scope="module")
+def lora_base(base, tmp_path_factory):
+    """Lesson 10's tiny base run, its embedding scaled to a trained model's size (see
+    test_lora_training_overfits_a_few_sequences: at init the frozen head caps the logits)."""
+    root = tmp_path_factory.mktemp("lora")
+    ckpt = load_checkpoint(base[0] / "base" / "ckpt.pt")
+    ckpt["model"]["tok_emb.weight"] *= 15
+    save_checkpoint(root / "base" / "ckpt.pt", ckpt)
+    shutil.copy(base[0] / "facts.jsonl", root / "facts.jsonl")
+    return root
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_lora_sft_overfits_a_handful_of_conversations(lora_base, tmp_path, qlora):
+    """Guards the whole LoRA path through sft.py: adapter, chat-token rows, optimizer, and a
+    checkpoint that holds the adapter alone yet loads back (load_run) as the tuned model."""
+    out = tmp_path / "out"
+    result = sft.train(sft_config(lora_base, out, lora_rank=8, qlora=qlora))
+    assert result["eval"]["story"]["accuracy"] == 1.0
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["lora"]["base_sha256"] == P.file_sha256(lora_base / "base" / "ckpt.pt")
+    assert all(".lora_" in k or ".token_rows." in k for k in ckpt["model"])
+    model, tok, _ = sft.load_run(out)
+    assert exact_match(model, tok, FACTS)["replies"] == ["the park", "Mia", "red", "5"]
+    assert isinstance(model.blocks[0].mlp.up, P.QLoRALinear if qlora else P.LoRALinear)
+    with P.lora_disabled(model):  # the base model underneath never learned the facts
+        assert exact_match(model, tok, FACTS)["accuracy"] == 0.0
+
+
+def test_lora_sft_resume_is_bit_identical(lora_base, tmp_path, monkeypatch, ctrl_c_at):
+    """Guards resuming a LoRA run: the base rebuilt from its checkpoint, the adapter and
+    Adam's moments restored -- 12 straight steps == 6, Ctrl-C, --resume, 6."""
+    cfg = lambda out, **kw: sft_config(lora_base, tmp_path / out, max_iters=12, eval_interval=5,
+                                       eval_n=0, lora_rank=4, **kw)
+    sft.train(cfg("straight"))
+    ctrl_c_at(sft, 6)
+    assert sft.train(cfg("split"))["step"] == 6
+    monkeypatch.undo()
+    assert sft.train(cfg("split", resume=True))["step"] == 12
+    a = load_checkpoint(tmp_path / "straight" / "ckpt.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "ckpt.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qlora_needs_a_rank(lora_base, tmp_path):
+    with pytest.raises(ValueError, match="lora_rank"):
+        sft.train(sft_config(lora_base, tmp_path / "out", qlora=True))
 #< L14

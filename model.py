@@ -1086,6 +1086,13 @@ def load_run(path, device="cpu"):
     there."""
     from tokenizer import load_tokenizer  # only this helper needs it: model.py stays standalone
 
+    #> L14 lora-run
+    ckpt = load_checkpoint(Path(path) / "ckpt.pt" if Path(path).is_dir() else path, device)
+    if "lora" in ckpt:  # a LoRA run holds its adapter alone: rebuild its base, then attach
+        import peft  # imported here: peft.py imports model.py
+        model, tok, _ = load_run(ckpt["lora"]["base"], device)
+        return peft.attach_adapter(model, ckpt), tok, ckpt
+    #< L14
     model, ckpt = CausalLM.from_checkpoint(path, device)
     source = ckpt.get("tokenizer")
     if source is None or (isinstance(source, str) and not Path(source).exists()):

@@ -14,6 +14,16 @@ import kernels as K
 from model import CausalLM, ModelConfig, causal_mask, naive_attention, repeat_kv
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tile loops run many tiny ops; on a busy 2-core machine a second thread only adds
+    thread-pool synchronisation (this file took 78 s with two threads, 11 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def sdpa(q, k, v, causal):
     """The reference: PyTorch's fused attention, bottom-right causal mask from model.py."""
     mask = causal_mask(q.size(2), k.size(2)) if causal else None

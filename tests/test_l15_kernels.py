@@ -182,8 +182,8 @@ def test_bad_shapes_fail_with_a_clear_message():
 
 @pytest.fixture
 def interpreted(monkeypatch):
-    """Run Triton kernels on the CPU in Triton's interpreter (numpy), before kernels.triton_kernel
-    first imports triton and builds the kernel.
+    """Run Triton kernels on the CPU in Triton's interpreter (numpy), before kernels.triton_kernels
+    first imports triton and builds the kernels.
 
     subtle: triton.language's own helpers (tl.max, tl.sum, ...) are @triton.jit functions, built
     in the mode that was on when triton was first imported. In a full pytest run torch's AdamW or

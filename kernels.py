@@ -439,7 +439,8 @@ def triton_forward(q, k, v, causal=True, block_q=32, block_k=32):
 
 def triton_backward(do, q, k, v, o, L, causal=True, block_q=32, block_k=32):
     """flash_backward's (dQ, dK, dV), computed by two Triton kernels: one program per key
-    tile for dK, dV, one per query tile for dQ (each recomputes its P tiles)."""
+    tile for dK, dV, one per query tile for dQ. Each recomputes its P tiles: S and dP are
+    computed twice, the price of needing no atomic adds (FlashAttention-2 adds dQ atomically)."""
     triton, _, bwd_dkdv, bwd_dq = triton_kernels()
     dtypes = q.dtype, k.dtype, v.dtype
     do, q, k, v, o = triton_inputs(do, q, k, v, o)

@@ -16,14 +16,14 @@ Read it in order:
   flash_forward      tiled attention in O(T) memory; keeps the logsumexp L
   flash_backward     the gradients, recomputing P tile by tile from Q, K, L
   FlashAttention     the two joined as a torch.autograd.Function
-  triton_forward     the same forward as a Triton kernel (optional package)
+  triton_kernels     the forward and the backward as Triton kernels (optional)
 
     from kernels import flash_attention
     y = flash_attention(q, k, v, causal=True)  # q (B, nh, Tq, hs), k, v (B, nkv, Tk, hs)
 
 model.py switches to these with ModelConfig(attn_impl="flash" | "triton");
 `python bench.py attention` measures time and memory against model.py's
-naive path and PyTorch's SDPA. On a CPU the Triton kernel runs only in
+naive path and PyTorch's SDPA. On a CPU the Triton kernels run only in
 Triton's interpreter (TRITON_INTERPRET=1, slow: the tests use it).
 
 Papers: Dao et al. 2022, "FlashAttention" (tiling, recomputation); Dao 2023,
@@ -230,21 +230,21 @@ def flash_backward(do, q, k, v, o, L, causal=True, block_q=BLOCK_Q, block_k=BLOC
 
 
 class FlashAttention(torch.autograd.Function):
-    """Autograd glue: save Q, K, V, O and L (O(T) memory, no T x T tensor), and
-    run flash_backward on the way back. `forward_fn` is flash_forward or
-    triton_forward: both return (O, L), so they share this backward."""
+    """Autograd glue: save Q, K, V, O and L (O(T) memory, no T x T tensor) and
+    recompute on the way back. `fns` is (flash_forward, flash_backward) or the
+    Triton pair (triton_forward, triton_backward): same arguments, same results."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, blocks, forward_fn):
-        o, L = forward_fn(q, k, v, causal, *blocks)
+    def forward(ctx, q, k, v, causal, blocks, fns):
+        o, L = fns[0](q, k, v, causal, *blocks)
         ctx.save_for_backward(q, k, v, o, L)
-        ctx.causal, ctx.blocks = causal, blocks
+        ctx.causal, ctx.blocks, ctx.backward_fn = causal, blocks, fns[1]
         return o
 
     @staticmethod
     def backward(ctx, do):
-        dq, dk, dv = flash_backward(do, *ctx.saved_tensors, ctx.causal, *ctx.blocks)
-        return dq, dk, dv, None, None, None  # causal, blocks, forward_fn get no gradient
+        dq, dk, dv = ctx.backward_fn(do, *ctx.saved_tensors, ctx.causal, *ctx.blocks)
+        return dq, dk, dv, None, None, None  # causal, blocks, fns get no gradient
 
 
 def flash_attention(q, k, v, causal=True, block_q=BLOCK_Q, block_k=BLOCK_K):
@@ -254,56 +254,57 @@ def flash_attention(q, k, v, causal=True, block_q=BLOCK_Q, block_k=BLOCK_K):
     causal, Tq <= Tk and the queries are the last Tq positions.
     """
     check_shapes(q, k, v, causal)
-    return FlashAttention.apply(q, k, v, causal, (block_q, block_k), flash_forward)
+    return FlashAttention.apply(q, k, v, causal, (block_q, block_k), (flash_forward, flash_backward))
 
 
 # -----------------------------------------------------------------------------
-# The forward as a Triton kernel: the same loop, one program per query tile
+# Triton kernels: the same loops, one program per tile
 
-_KERNEL = None  # built on first use: importing triton is slow, and it is optional
+_KERNELS = None  # built on first use: importing triton is slow, and it is optional
 
 
-def triton_kernel():
-    """Import triton and define the kernel (once).
+def triton_kernels():
+    """Import triton and define the three kernels (once): forward, dK/dV, dQ.
 
-    On a CPU the kernel runs only in Triton's interpreter: TRITON_INTERPRET=1
-    set before triton is first imported. subtle: triton.language's own helpers
+    On a CPU they run only in Triton's interpreter: TRITON_INTERPRET=1 set
+    before triton is first imported. subtle: triton.language's own helpers
     (tl.max, tl.sum) are jit functions built at that import, in the mode then in
     force; tests/test_l15_kernels.py's fixture shows how to rebuild them.
     On a GPU, tl.dot on fp32 inputs uses TF32 (10-bit mantissa) by default:
-    expect agreement with flash_forward to ~1e-3 there, not 1e-5.
+    expect agreement with the PyTorch version to ~1e-3 there, not 1e-5.
+    Pointer arithmetic: X + b * sx[0] + h * sx[1] + t * sx[2] + c * sx[3] is
+    element (b, h, t, c) of a (B, heads, T, hs) tensor with strides sx.
     """
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
+    global _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
     try:
         import triton
         import triton.language as tl
     except ImportError as e:
-        raise ImportError("the Triton kernel needs triton: pip install -r requirements-triton.txt") from e
+        raise ImportError("the Triton kernels need triton: pip install -r requirements-triton.txt") from e
 
     @triton.jit
     def flash_fwd(Q, K, V, O, L, sq, sk, sv, so, Tq, Tk, nh, group, scale,
                   HS: tl.constexpr, CAUSAL: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        # Program (query tile, batch * head) computes O and L for BLOCK_M rows.
-        # sq, sk, sv, so: 4-element stride tuples (batch, head, position, channel).
+        # Program (query tile, batch * head): O and L for BLOCK_M rows, as flash_forward.
         b, h = tl.program_id(1) // nh, tl.program_id(1) % nh
         kvh = h // group  # GQA: the K/V head this query head reads, nothing copied
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions in Q
-        cols = tl.arange(0, BLOCK_N)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # query indices
         d = tl.arange(0, BLOCK_D)  # BLOCK_D: hs rounded up to a power of two, the rest masked
+        q_mask = (rows[:, None] < Tq) & (d[None, :] < HS)
         q = tl.load(Q + b * sq[0] + h * sq[1] + rows[:, None] * sq[2] + d[None, :] * sq[3],
-                    mask=(rows[:, None] < Tq) & (d[None, :] < HS), other=0.0)  # (BLOCK_M, BLOCK_D)
+                    mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.full([BLOCK_M], 0.0, tl.float32)
         acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-        offset = Tk - Tq
+        offset = Tk - Tq  # position of query 0
         end = Tk
         if CAUSAL:  # skip the key tiles above the diagonal, as key_tiles does
             end = tl.minimum(Tk, offset + (tl.program_id(0) + 1) * BLOCK_M)
         for j0 in range(0, end, BLOCK_N):
-            j = j0 + cols  # key positions of this tile
+            j = j0 + tl.arange(0, BLOCK_N)  # key positions of this tile
             kv_mask = (j[:, None] < Tk) & (d[None, :] < HS)
             k = tl.load(K + b * sk[0] + kvh * sk[1] + j[:, None] * sk[2] + d[None, :] * sk[3],
                         mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
@@ -318,40 +319,145 @@ def triton_kernel():
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # P in V's dtype: the fast tensor-core path
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # P in V's dtype: the tensor-core path
             m = m_new
         out = O + b * so[0] + h * so[1] + rows[:, None] * so[2] + d[None, :] * so[3]
-        tl.store(out, (acc / l[:, None]).to(O.dtype.element_ty), mask=(rows[:, None] < Tq) & (d[None, :] < HS))
+        tl.store(out, (acc / l[:, None]).to(O.dtype.element_ty), mask=q_mask)
         tl.store(L + (b * nh + h) * Tq + rows, m + tl.log(l), mask=rows < Tq)
 
-    _KERNEL = (triton, flash_fwd)
-    return _KERNEL
+    @triton.jit
+    def flash_bwd_dkdv(Q, K, V, dO, L, D, dK, dV, sq, sk, sv, sdo, Tq, Tk, nh, group, scale,
+                       HS: tl.constexpr, CAUSAL: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Program (key tile, batch * K/V head): dK and dV of BLOCK_N keys, summed over every
+        # query tile that sees them and every query head of the group. FA2's backward order:
+        # keys outside, so each program owns its dK, dV (no atomic adds) -- dQ is done apart.
+        b, kvh = tl.program_id(1) // (nh // group), tl.program_id(1) % (nh // group)
+        j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions
+        d = tl.arange(0, BLOCK_D)
+        kv_mask = (j[:, None] < Tk) & (d[None, :] < HS)
+        k = tl.load(K + b * sk[0] + kvh * sk[1] + j[:, None] * sk[2] + d[None, :] * sk[3],
+                    mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + b * sv[0] + kvh * sv[1] + j[:, None] * sv[2] + d[None, :] * sv[3],
+                    mask=kv_mask, other=0.0)
+        dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
+        dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
+        offset = Tk - Tq
+        start = 0
+        if CAUSAL:  # query i sees key j only if j <= offset + i: skip the tiles before that
+            start = tl.maximum(0, tl.program_id(0) * BLOCK_N - offset) // BLOCK_M * BLOCK_M
+        for h in range(kvh * group, kvh * group + group):
+            for i0 in range(start, Tq, BLOCK_M):
+                rows = i0 + tl.arange(0, BLOCK_M)  # query indices
+                q_mask = (rows[:, None] < Tq) & (d[None, :] < HS)
+                q = tl.load(Q + b * sq[0] + h * sq[1] + rows[:, None] * sq[2] + d[None, :] * sq[3],
+                            mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+                do = tl.load(dO + b * sdo[0] + h * sdo[1] + rows[:, None] * sdo[2] + d[None, :] * sdo[3],
+                             mask=q_mask, other=0.0)
+                Li = tl.load(L + (b * nh + h) * Tq + rows, mask=rows < Tq, other=0.0)
+                Di = tl.load(D + (b * nh + h) * Tq + rows, mask=rows < Tq, other=0.0)
+                visible = (rows[:, None] < Tq) & (j[None, :] < Tk)
+                if CAUSAL:
+                    visible = visible & (j[None, :] <= offset + rows[:, None])
+                s = tl.dot(q, tl.trans(k)) * scale  # S, recomputed
+                p = tl.where(visible, tl.exp(s - Li[:, None]), 0.0)  # P = e^(S - L)
+                dv += tl.dot(tl.trans(p).to(do.dtype), do)  # (1) dV += P^T dO
+                dp = tl.dot(do, tl.trans(v))  # (2) dP = dO V^T
+                ds = p * (dp - Di[:, None])  # (3) dS = P o (dP - D)
+                dk += tl.dot(tl.trans(ds).to(q.dtype), q) * scale  # (4) dK += dS^T Q / sqrt(hs)
+        tl.store(dK + b * sk[0] + kvh * sk[1] + j[:, None] * sk[2] + d[None, :] * sk[3],
+                 dk.to(dK.dtype.element_ty), mask=kv_mask)
+        tl.store(dV + b * sv[0] + kvh * sv[1] + j[:, None] * sv[2] + d[None, :] * sv[3],
+                 dv.to(dV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def flash_bwd_dq(Q, K, V, dO, L, D, dQ, sq, sk, sv, sdo, Tq, Tk, nh, group, scale,
+                     HS: tl.constexpr, CAUSAL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Program (query tile, batch * head): dQ of BLOCK_M rows, looping over keys as the forward.
+        b, h = tl.program_id(1) // nh, tl.program_id(1) % nh
+        kvh = h // group
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        q_mask = (rows[:, None] < Tq) & (d[None, :] < HS)
+        q = tl.load(Q + b * sq[0] + h * sq[1] + rows[:, None] * sq[2] + d[None, :] * sq[3],
+                    mask=q_mask, other=0.0)
+        do = tl.load(dO + b * sdo[0] + h * sdo[1] + rows[:, None] * sdo[2] + d[None, :] * sdo[3],
+                     mask=q_mask, other=0.0)
+        Li = tl.load(L + (b * nh + h) * Tq + rows, mask=rows < Tq, other=0.0)
+        Di = tl.load(D + (b * nh + h) * Tq + rows, mask=rows < Tq, other=0.0)
+        dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+        offset = Tk - Tq
+        end = Tk
+        if CAUSAL:
+            end = tl.minimum(Tk, offset + (tl.program_id(0) + 1) * BLOCK_M)
+        for j0 in range(0, end, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            kv_mask = (j[:, None] < Tk) & (d[None, :] < HS)
+            k = tl.load(K + b * sk[0] + kvh * sk[1] + j[:, None] * sk[2] + d[None, :] * sk[3],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V + b * sv[0] + kvh * sv[1] + j[:, None] * sv[2] + d[None, :] * sv[3],
+                        mask=kv_mask, other=0.0)
+            visible = (rows[:, None] < Tq) & (j[None, :] < Tk)
+            if CAUSAL:
+                visible = visible & (j[None, :] <= offset + rows[:, None])
+            p = tl.where(visible, tl.exp(tl.dot(q, tl.trans(k)) * scale - Li[:, None]), 0.0)  # P = e^(S - L)
+            ds = p * (tl.dot(do, tl.trans(v)) - Di[:, None])  # (2), (3)
+            dq += tl.dot(ds.to(k.dtype), k) * scale  # (4) dQ += dS K / sqrt(hs)
+        tl.store(dQ + b * sq[0] + h * sq[1] + rows[:, None] * sq[2] + d[None, :] * sq[3],
+                 dq.to(dQ.dtype.element_ty), mask=q_mask)
+
+    _KERNELS = (triton, flash_fwd, flash_bwd_dkdv, flash_bwd_dq)
+    return _KERNELS
+
+
+def triton_inputs(*tensors):
+    """Check where the kernels can run; under the interpreter, bf16 runs in fp32."""
+    if not (tensors[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise RuntimeError("the Triton kernels need a CUDA GPU; on a CPU set TRITON_INTERPRET=1 "
+                           "before triton is imported (slow: for tests), or use attn_impl='flash'")
+    if os.environ.get("TRITON_INTERPRET") == "1" and tensors[0].dtype == torch.bfloat16:
+        # subtle: the interpreter's bf16 tl.dot gives wrong results (a known upstream bug).
+        return [t.float() for t in tensors]
+    return tensors
 
 
 def triton_forward(q, k, v, causal=True, block_q=32, block_k=32):
-    """flash_forward's (O, L), computed by the Triton kernel. Blocks must be >= 16 (tl.dot)."""
-    triton, kernel = triton_kernel()
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if not (q.is_cuda or interpreted):
-        raise RuntimeError("the Triton kernel needs a CUDA GPU; on a CPU set TRITON_INTERPRET=1 "
-                           "before triton is imported (slow: for tests), or use attn_impl='flash'")
+    """flash_forward's (O, L), computed by a Triton kernel. Blocks must be >= 16 (tl.dot)."""
+    triton, fwd, _, _ = triton_kernels()
     dtype = q.dtype
-    if interpreted and dtype == torch.bfloat16:
-        # subtle: the interpreter's bf16 tl.dot gives wrong results (a known upstream bug);
-        # interpreted runs compute in fp32 and cast back.
-        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = triton_inputs(q, k, v)
     B, nh, Tq, hs = q.shape
     o = torch.empty_like(q)
     L = torch.empty(B, nh, Tq, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(Tq, block_q), B * nh)
-    kernel[grid](q, k, v, o, L, q.stride(), k.stride(), v.stride(), o.stride(), Tq, k.size(2), nh,
-                 nh // k.size(1), 1.0 / math.sqrt(hs), HS=hs, CAUSAL=causal, BLOCK_M=block_q,
-                 BLOCK_N=block_k, BLOCK_D=max(16, triton.next_power_of_2(hs)))
+    fwd[(triton.cdiv(Tq, block_q), B * nh)](
+        q, k, v, o, L, q.stride(), k.stride(), v.stride(), o.stride(), Tq, k.size(2), nh,
+        nh // k.size(1), 1.0 / math.sqrt(hs), HS=hs, CAUSAL=causal, BLOCK_M=block_q,
+        BLOCK_N=block_k, BLOCK_D=max(16, triton.next_power_of_2(hs)))
     return o.to(dtype), L
 
 
+def triton_backward(do, q, k, v, o, L, causal=True, block_q=32, block_k=32):
+    """flash_backward's (dQ, dK, dV), computed by two Triton kernels: one program per key
+    tile for dK, dV, one per query tile for dQ. Each recomputes its P tiles: S and dP are
+    computed twice, the price of needing no atomic adds (FlashAttention-2 adds dQ atomically)."""
+    triton, _, bwd_dkdv, bwd_dq = triton_kernels()
+    dtypes = q.dtype, k.dtype, v.dtype
+    do, q, k, v, o = triton_inputs(do, q, k, v, o)
+    B, nh, Tq, hs = q.shape
+    nkv, Tk = k.size(1), k.size(2)
+    D = (do.float() * o.float()).sum(-1)  # (B, nh, Tq): (3)'s rowsum(dO o O), one elementwise pass
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    args = (q.stride(), k.stride(), v.stride(), do.stride(), Tq, Tk, nh, nh // nkv, 1.0 / math.sqrt(hs))
+    consts = dict(HS=hs, CAUSAL=causal, BLOCK_M=block_q, BLOCK_N=block_k,
+                  BLOCK_D=max(16, triton.next_power_of_2(hs)))
+    bwd_dkdv[(triton.cdiv(Tk, block_k), B * nkv)](q, k, v, do, L, D, dk, dv, *args, **consts)
+    bwd_dq[(triton.cdiv(Tq, block_q), B * nh)](q, k, v, do, L, D, dq, *args, **consts)
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])
+
+
 def triton_attention(q, k, v, causal=True, block_q=32, block_k=32):
-    """flash_attention with the Triton forward; the backward is flash_backward (PyTorch)."""
+    """flash_attention computed by the Triton kernels, forward and backward."""
     check_shapes(q, k, v, causal)
-    return FlashAttention.apply(q, k, v, causal, (block_q, block_k), triton_forward)
+    return FlashAttention.apply(q, k, v, causal, (block_q, block_k), (triton_forward, triton_backward))
 #< L15

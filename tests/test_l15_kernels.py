@@ -14,6 +14,16 @@ import kernels as K
 from model import CausalLM, ModelConfig, causal_mask, naive_attention, repeat_kv
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tile loops run many tiny ops; on a busy 2-core machine a second thread only adds
+    thread-pool synchronisation (this file took 78 s with two threads, 11 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def sdpa(q, k, v, causal):
     """The reference: PyTorch's fused attention, bottom-right causal mask from model.py."""
     mask = causal_mask(q.size(2), k.size(2)) if causal else None
@@ -172,8 +182,8 @@ def test_bad_shapes_fail_with_a_clear_message():
 
 @pytest.fixture
 def interpreted(monkeypatch):
-    """Run Triton kernels on the CPU in Triton's interpreter (numpy), before kernels.triton_kernel
-    first imports triton and builds the kernel.
+    """Run Triton kernels on the CPU in Triton's interpreter (numpy), before kernels.triton_kernels
+    first imports triton and builds the kernels.
 
     subtle: triton.language's own helpers (tl.max, tl.sum, ...) are @triton.jit functions, built
     in the mode that was on when triton was first imported. In a full pytest run torch's AdamW or
@@ -190,20 +200,26 @@ def interpreted(monkeypatch):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("Tq, Tk, nh, nkv, causal", [(7, 7, 2, 2, True), (33, 33, 4, 2, True),
                                                      (5, 40, 2, 1, True), (20, 20, 2, 2, False)])
-def test_triton_forward_equals_pytorch_flash(interpreted, dtype, tol, Tq, Tk, nh, nkv, causal):
-    """The Triton kernel (tiles 16 x 16, ragged last tiles, GQA by index, Tq < Tk) returns the same
-    O and L as flash_forward. bf16 runs in fp32 in the interpreter (its bf16 tl.dot is wrong)."""
+def test_triton_kernels_equal_pytorch_flash(interpreted, dtype, tol, Tq, Tk, nh, nkv, causal):
+    """The Triton kernels (tiles 16 x 16, ragged last tiles, GQA by index, Tq < Tk) return the same
+    O, L and dQ, dK, dV as flash_forward / flash_backward. bf16 runs in fp32 in the interpreter
+    (its bf16 tl.dot is wrong), so there only the final rounding differs."""
     q, k, v = (t.detach() for t in qkv(2, nh, nkv, Tq, Tk, 16, dtype=dtype))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     o, L = K.triton_forward(q, k, v, causal, 16, 16)
     o_ref, L_ref = K.flash_forward(q, k, v, causal, 16, 16)
     assert o.dtype == dtype
     torch.testing.assert_close(o, o_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(L, L_ref, rtol=1e-5, atol=1e-5)
+    grads = K.triton_backward(do, q, k, v, o_ref, L_ref, causal, 16, 16)
+    for g, g_ref in zip(grads, K.flash_backward(do, q, k, v, o_ref, L_ref, causal, 16, 16)):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, g_ref, rtol=tol, atol=2 * tol)
 
 
 def test_triton_attention_gradients_and_odd_head_size(interpreted):
-    """triton_attention is differentiable (its backward is flash_backward) and handles a head size
-    that is not a power of two (channels padded to 16 and masked)."""
+    """triton_attention end to end through autograd against SDPA, with a head size that is not a
+    power of two (channels padded to 16 and masked) and GQA."""
     q, k, v = qkv(1, 2, 1, 9, 9, 12)
     ours, ref = K.triton_attention(q, k, v, True, 16, 16), sdpa(q, k, v, True)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

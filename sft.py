@@ -36,6 +36,9 @@ from model import (check_resume, exact_match, get_lr, load_run, optimizer_step, 
                    resume_training, run_main, save_checkpoint, setup_device, setup_precision,
                    training_state)
 from tokenizer import CHAT_TOKENS, read_conversations
+#> L14 import
+import peft
+#< L14
 
 # -----------------------------------------------------------------------------
 # Config: every key a run can set (see config/sft.py)
@@ -65,6 +68,13 @@ DEFAULTS = dict(
     eval_iters=10,  # validation batches per eval
     log_interval=50,
     resume=False,
+    #> L14 lora-config
+    lora_rank=0,  # LoRA rank r; 0: fine-tune every weight
+    lora_alpha=16.0,  # the update is (lora_alpha / lora_rank) B A
+    lora_targets="all-linear",  # or comma-separated layer names: "q_proj,v_proj"
+    qlora=False,  # keep the frozen base in NF4 (needs lora_rank > 0)
+    lora_chat_tokens=True,  # also train the chat tokens' embedding rows (new to the base)
+    #< L14
 )
 # Keys a resumed run may change (as pretrain.py's RESUMABLE): the schedule's tail, what is
 # printed and evaluated, how it runs. The rest define what the checkpoint was trained on.
@@ -259,6 +269,17 @@ def train(cfg):
     # Resume: the fine-tuned run's own checkpoint; otherwise the base model.
     model, tok, ckpt = load_run(ckpt_path if cfg["resume"] else cfg["init"], device)
     check_chat_tokens(tok, cfg["init"])
+    #> L14 lora
+    lora = dict(r=cfg["lora_rank"], alpha=cfg["lora_alpha"], targets=cfg["lora_targets"], qlora=cfg["qlora"],
+                tokens=[tok.special_tokens[t] for t in CHAT_TOKENS] if cfg["lora_chat_tokens"] else [])
+    if cfg["qlora"] and not cfg["lora_rank"]:
+        raise ValueError("qlora=True trains a LoRA adapter over the 4-bit base: set lora_rank=8 too")
+    if cfg["lora_rank"] and not cfg["resume"]:  # on resume load_run rebuilt base + adapter
+        torch.manual_seed(cfg["seed"])  # A's random init: the same run from the same config
+        peft.apply_adapter(model, lora)
+    if "lora" in ckpt:  # resume_training loads the whole state, adapter included
+        ckpt["model"] = model.state_dict()
+    #< L14
     block_size = model.cfg.block_size
     train_set = load_conversations(cfg["data"], tok, block_size, log)
     val_set = load_conversations(cfg["val_data"], tok, block_size, log)
@@ -284,6 +305,13 @@ def train(cfg):
     supervised = sum(sum(m) for _, m in train_set)
     log(f"model: {raw.num_params():,} parameters from {cfg['init']}; {len(train_set):,} conversations, "
         f"{sum(len(i) for i, _ in train_set):,} tokens ({supervised:,} supervised)")
+    #> L14 lora-count
+    if cfg["lora_rank"]:
+        n, n_base = sum(p.numel() for p in peft.lora_parameters(raw)), peft.base_param_count(raw)
+        log(f"LoRA r={cfg['lora_rank']} on {len(peft.lora_modules(raw))} layers"
+            f"{' over an NF4 base' if cfg['qlora'] else ''}: {n:,} trainable parameters, "
+            f"{n / n_base:.2%} of the base's {n_base:,}")
+    #< L14
     if master and before is None and cfg["eval_n"]:
         log("before fine-tuning:")
         before = evaluate(raw, tok, cfg, log)
@@ -292,6 +320,15 @@ def train(cfg):
         if master:
             save_checkpoint(ckpt_path, training_state(raw, optimizer, step, cfg, tok, chat=True,
                                                       eval_before=before))
+    #> L14 lora-checkpoint
+    if cfg["lora_rank"]:
+        adapter = peft.adapter_checkpoint(raw, lora, cfg["init"])  # hashes the base once
+
+        def checkpoint():  # the adapter alone (its tensors are views: saved as they are then)
+            if master:
+                save_checkpoint(ckpt_path, {**training_state(raw, optimizer, step, cfg, tok, chat=True,
+                                                             eval_before=before), **adapter})
+    #< L14
 
     history, t0, t_start, step0 = {}, time.time(), time.time(), step
     tokens = 0  # conversation tokens trained on since the last log line (padding not counted)

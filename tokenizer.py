@@ -28,8 +28,10 @@ import heapq
 import json
 import sys
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from itertools import chain
+from pathlib import Path
 
 import regex  # the `regex` package (tiktoken depends on it): \p{L} classes, possessives
 
@@ -290,6 +292,10 @@ class BPETokenizer:
         self.merges = {}
         self.special_names = list(special_tokens)  # registered by name, ids given by train()
         self.special_tokens = {}
+        # Two rules some Hugging Face tokenizers add (from_hf sets them): Unicode NFC
+        # normalisation of the text first (Qwen2/3), and a chunk that is itself a token
+        # encodes as that token without merging (Llama 3's "ignore_merges", tiktoken's rule).
+        self.nfc = self.ignore_merges = False
         self._build()
 
     def _build(self):
@@ -297,9 +303,13 @@ class BPETokenizer:
         self.vocab = {i: bytes([b]) for b, i in enumerate(self.byte_ids)}
         for (a, b), i in self.merges.items():
             self.vocab[i] = self.vocab[a] + self.vocab[b]
+        encode = self._encode_chunk
+        if self.ignore_merges:  # bytes -> id of every ordinary token (specials are not text)
+            whole = {self.vocab[i]: i for i in self.vocab}
+            encode = lambda chunk: [whole[b]] if (b := chunk.encode("utf-8")) in whole else self._encode_chunk(chunk)
         for name, i in self.special_tokens.items():
             self.vocab[i] = name.encode("utf-8")
-        self.cache = ChunkCache(self._encode_chunk)  # chunk -> ids, filled on first use
+        self.cache = ChunkCache(encode)  # chunk -> ids, filled on first use
 
     @property
     def vocab_size(self):
@@ -367,6 +377,8 @@ class BPETokenizer:
         Text repeats its words, so each distinct chunk is encoded once and then
         served from `self.cache`: on Tiny Shakespeare 263k chunks are 15k distinct.
         """
+        if self.nfc:  # "é" typed as e + U+0301 becomes the single character U+00E9
+            text = unicodedata.normalize("NFC", text)
         return list(chain.from_iterable(map(self.cache.__getitem__, self.split(text))))
 
     def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
@@ -448,6 +460,49 @@ class BPETokenizer:
         tok._build()
         return tok
 
+    @classmethod
+    def from_hf(cls, path):
+        """Read a Hugging Face tokenizer.json of the byte-level BPE kind (GPT-2,
+        Llama 3, Qwen2/3) into our tokenizer: the same ids as the `tokenizers`
+        library for any text, special tokens included.
+
+        Such a file stores tokens as text: each byte is shown as a printable
+        character (byte_to_unicode), so vocab maps e.g. "Ġthe" (" the") to an id
+        and merges lists pairs in priority order. The split regex sits in the
+        pre-tokenizer; added_tokens carry the specials with their ids.
+        """
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        data = _read_json(file)
+        model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+        if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
+            raise ValueError(f"{file}: only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) are "
+                             f"supported; this is {model.get('type')} with pre-tokenizer "
+                             f"{pre.get('type')} (SentencePiece/Unigram and WordPiece are not)")
+        if (data.get("normalizer") or {}).get("type") not in (None, "NFC"):
+            raise ValueError(f"{file}: normalizer {data['normalizer']['type']} is not supported (NFC is)")
+        tok = cls(_hf_split_pattern(pre, file))
+        char = byte_to_unicode()
+        vocab = model["vocab"]  # token text -> id
+        try:
+            tok.byte_ids = [vocab[char[b]] for b in range(256)]
+        except KeyError as e:
+            raise ValueError(f"{file}: byte {e.args[0]!r} has no token; a byte-level BPE must "
+                             "cover all 256 bytes") from None
+        for pair in model["merges"]:
+            a, b = pair.split(" ") if isinstance(pair, str) else pair  # old and new file formats
+            tok.merges[vocab[a], vocab[b]] = vocab[a + b]
+        # subtle: we replay merges by the new token's id (as tiktoken does), the file by the
+        # merge's position in the list; they agree exactly when ids grow along the list.
+        if list(tok.merges.values()) != sorted(tok.merges.values()):
+            raise ValueError(f"{file}: merge priorities do not follow token ids; not supported")
+        tok.special_tokens = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+        tok.special_names = sorted(tok.special_tokens, key=tok.special_tokens.get)
+        tok.nfc = (data.get("normalizer") or {}).get("type") == "NFC"
+        tok.ignore_merges = bool(model.get("ignore_merges"))
+        tok._build()
+        return tok
+
     #> L10 template exercise
     # ---- the chat template (lesson 10) -------------------------------------
 
@@ -504,7 +559,8 @@ class BPETokenizer:
         Merges in learning order as [a, b, new_id]."""
         return {"format": "intro2llm-bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
                 "byte_ids": self.byte_ids, "special_tokens": self.special_tokens,
-                "merges": [[a, b, i] for (a, b), i in self.merges.items()]}
+                "merges": [[a, b, i] for (a, b), i in self.merges.items()],
+                **{k: True for k in ("nfc", "ignore_merges") if getattr(self, k)}}
 
     def save(self, path):
         """One readable JSON file."""
@@ -523,6 +579,7 @@ class BPETokenizer:
             tok.byte_ids = list(data["byte_ids"])
             tok.merges = {(a, b): i for a, b, i in data["merges"]}
             tok.special_tokens = dict(data["special_tokens"])
+            tok.nfc, tok.ignore_merges = data.get("nfc", False), data.get("ignore_merges", False)
             tok._build()
         except (KeyError, TypeError, ValueError, regex.error) as e:
             raise ValueError(f"{where} is damaged ({type(e).__name__}: {e}); "
@@ -536,6 +593,37 @@ class BPETokenizer:
         pair = next(((a, b) for (a, b), j in self.merges.items() if j == i), None)
         parts = f"[{show(pair[0])}][{show(pair[1])}] -> " if pair else ""
         return f"{i:6d}  {parts}'{show(i)}'"
+
+
+def byte_to_unicode():
+    """The printable character GPT-2's files use for each byte (Radford et al. 2019).
+
+    Bytes that are visible Latin-1 characters stand for themselves; the other 68
+    (controls, space, soft hyphen...) are moved to 256, 257, ... in byte order,
+    so every token prints without whitespace or control codes: " the" is "Ġthe"
+    because byte 32 is the 33rd moved byte, chr(256 + 32).
+    >>> byte_to_unicode()[ord(" ")], byte_to_unicode()[ord("A")]
+    ('Ġ', 'A')
+    """
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    moved = [b for b in range(256) if b not in visible]
+    return {**{b: chr(b) for b in visible}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+def _hf_split_pattern(pre, file):
+    """The chunking regex of a tokenizer.json pre-tokenizer: a Split step's regex
+    (Llama 3, Qwen) or ByteLevel's built-in GPT-2 regex (use_regex true)."""
+    steps = pre.get("pretokenizers", [pre])
+    for step in steps:
+        if step.get("type") == "Split":
+            if step.get("behavior") != "Isolated" or step.get("invert"):
+                raise ValueError(f"{file}: only Split with behavior Isolated is supported")
+            return step["pattern"]["Regex"]
+        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            if step.get("add_prefix_space"):
+                raise ValueError(f"{file}: ByteLevel add_prefix_space=true is not supported")
+            return GPT2_SPLIT_PATTERN
+    raise ValueError(f"{file}: no split regex found in the pre-tokenizer")
 
 
 def _bpe_parts(token, ranks, max_rank):

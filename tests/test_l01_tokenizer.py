@@ -234,3 +234,73 @@ def test_token_embedding_shape_and_gradient_flow():
     torch.testing.assert_close(emb.weight.grad[2], torch.full((8,), 2.0))  # token 2 used twice
     assert abs(emb.weight.std().item() - 0.02) < 0.01
 #< L01
+
+
+# ---- Hugging Face tokenizer.json ----------------------------------------------
+
+HF_TEXTS = [
+    "Hello world! The quick brown fox jumps over the lazy dog's 3 boxes; it's 12,345.67 km.",
+    "Ünïcödé: naïve café, Straße, ĳ, ﬁ, e\u0301 (combining), Ελληνικά, русский, עברית, العربية",
+    "中文分词很难。日本語のテキスト、한국어 텍스트 🎉🤖👩‍👩‍👧 ☃️ 🇫🇷",
+    "def f(x):\n\treturn {'a': [x ** 2, x // 3]}  # comment\n\n\n    if x != 0:\r\n        pass   ",
+    "   leading and    inner   spaces,\t\ttabs\n \n  and trailing whitespace   \n\n",
+]
+
+
+def hf_tokenizer(tmp_path, name, split=None, nfc=False, ignore_merges=False):
+    """Train a byte-level BPE offline with the `tokenizers` library itself and save its
+    tokenizer.json: GPT-2 style (ByteLevel's own regex) or with a Split regex (Qwen2)."""
+    tk = pytest.importorskip("tokenizers", reason="tokenizers comes with transformers (requirements-dev.txt)")
+    tok = tk.Tokenizer(tk.models.BPE(ignore_merges=ignore_merges))
+    byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    tok.pre_tokenizer = byte_level if split is None else tk.pre_tokenizers.Sequence(
+        [tk.pre_tokenizers.Split(tk.Regex(split), behavior="isolated"), byte_level])
+    tok.decoder = tk.decoders.ByteLevel()  # printable characters back to bytes, as real files do
+    if nfc:
+        tok.normalizer = tk.normalizers.NFC()
+    trainer = tk.trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(HF_TEXTS * 20, trainer)
+    path = tmp_path / f"{name}.json"
+    tok.save(str(path))
+    if ignore_merges:  # a token that its own merges cannot build: "QWZ" from (QW, Z), while
+        data = json.loads(path.read_text())  # the earlier merge (W, Z) takes the W first
+        n, vocab = len(data["model"]["vocab"]), data["model"]["vocab"]
+        vocab.update({"WZ": n, "QW": n + 1, "QWZ": n + 2})
+        data["model"]["merges"] += [["W", "Z"], ["Q", "W"], ["QW", "Z"]]
+        path.write_text(json.dumps(data))
+    return tk.Tokenizer.from_file(str(path)), path
+
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("style", ["gpt2", "qwen2", "llama3"])
+def test_from_hf_encodes_like_the_tokenizers_library(tmp_path, style):
+    """A Hugging Face tokenizer.json read into our tokenizer must give the library's ids on
+    any text: guards the byte <-> printable-character map, the merge order, the split
+    regex, NFC normalisation (Qwen2) and ignore_merges (Llama 3), and the specials."""
+    kw = {"gpt2": {}, "qwen2": dict(split=QWEN2_SPLIT, nfc=True),
+          "llama3": dict(split=T.GPT4_SPLIT_PATTERN, ignore_merges=True)}[style]
+    theirs, path = hf_tokenizer(tmp_path, style, **kw)
+    ours = T.BPETokenizer.from_hf(path)
+    unseen = "QWZ! Unseen: Zürich's 2048 naïve ideas 🤖!\n\n  x<|im_start|>y<|endoftext|>"
+    for text in HF_TEXTS + [unseen, "".join(HF_TEXTS)]:
+        ids = theirs.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, allowed_special="all") == ids
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
+    restored = T.BPETokenizer.from_state(ours.state())  # what a checkpoint stores keeps the rules
+    assert restored.encode(unseen, allowed_special="all") == ours.encode(unseen, allowed_special="all")
+
+
+def test_from_hf_refuses_other_kinds_clearly(tmp_path):
+    """A WordPiece (BERT) or Unigram (SentencePiece) file must be refused with its kind
+    named, not half-loaded into a tokenizer that encodes differently."""
+    tk = pytest.importorskip("tokenizers", reason="tokenizers comes with transformers (requirements-dev.txt)")
+    wp = tk.Tokenizer(tk.models.WordPiece(unk_token="[UNK]"))
+    wp.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    wp.train_from_iterator(HF_TEXTS, tk.trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[UNK]"]))
+    wp.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="only byte-level BPE .* this is WordPiece"):
+        T.BPETokenizer.from_hf(tmp_path)  # a folder: its tokenizer.json

@@ -189,6 +189,56 @@ def bench_train():
 
 SECTIONS["train"] = bench_train
 #< L07
+#> L10 bench-sft
+
+
+def bench_sft():
+    """sft.py's step on config/tiny.py's model, padded against packed: the same 16
+    conversations of the built-in set per step, so the same loss; tokens/s counts
+    conversation tokens only. One thread, the precision sft.py picks, alternating."""
+    import torch
+
+    import sft
+    from model import CausalLM, ModelConfig, setup_precision
+    from tokenizer import BPETokenizer, read_conversations
+
+    root = Path(__file__).resolve().parent / "data"
+    if not (root / "sft" / "train.jsonl").exists() or not (root / "storyworld" / "tokenizer.json").exists():
+        print("sft: skipped (run python data/prepare.py storyworld && python data/prepare.py sft)")
+        return
+    torch.set_num_threads(1)
+    tok = BPETokenizer.load(root / "storyworld" / "tokenizer.json")
+    chats = read_conversations(root / "sft" / "train.jsonl", tok)[:16 * 10]
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=4, n_head=4, n_embd=128))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast, _, why = setup_precision(torch.device("cpu"))
+    print(f"sft step, config/tiny.py's model, 16 conversations per step, CPU, 1 thread, {why}")
+    layouts = {}
+    for pack in (False, True):
+        batches = sft.ChatBatches(chats, 16, 0, 256, pack)
+        steps = [batches.get(i) for i in range(10)]
+
+        def run(steps=steps):
+            for x, y, seg, _ in steps:
+                with autocast:
+                    loss = model(x, y, segments=seg)[1]
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        run()
+        real = sum(n for *_, n in steps)
+        layouts[pack] = (run, real, sum(x.numel() for x, *_ in steps))
+    t_pad, t_pack = alternate(layouts[False][0], layouts[True][0], repeats=3)
+    for name, t, (_, real, positions) in (("padded", t_pad, layouts[False]), ("packed", t_pack, layouts[True])):
+        row(f"{name} ({1 - real / positions:.0%} of positions are padding)", f"{real / t:,.0f} tok/s",
+            "", f"{t * 100:.0f} ms/step")
+    print(f"  packing: {t_pad / t_pack:.2f}x the conversations per second")
+
+
+SECTIONS["sft"] = bench_sft
+#< L10
 #> L15 bench-attention
 # -----------------------------------------------------------------------------
 # Attention: time and memory against T (lesson 15)

@@ -407,7 +407,7 @@ def report_exact_match(model, tok, examples, shown=3):
     for kind in ("right", "wrong"):
         picked = [(c, reply) for c, reply in zip(examples, r["replies"]) if c in r[kind]][:shown]
         for chat, reply in picked:
-            question = chat[-2]["content"].rsplit("\n", 1)[-1]
+            question = chat[-2]["content"].split("\n", 1)[0]
             print(f"  {kind:<5} {question!r} -> {reply!r} (reference {chat[-1]['content']!r})")
     return {"items": r["n"], "exact_match": r["accuracy"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
 #< L10

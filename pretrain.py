@@ -16,7 +16,6 @@ that resume bit for bit.
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time

@@ -3,7 +3,7 @@
 sft.py -- supervised fine-tuning: turn a base model into one that answers.
 
     python sft.py config/sft.py                   # from out/tiny, minutes on a CPU
-    python sft.py config/sft.py --pack=True       # several conversations per row
+    python sft.py config/sft.py --pack=False      # one conversation per row, padded
     python sft.py config/sft.py --resume          # continue out/sft/ckpt.pt exactly
     torchrun --nproc_per_node=2 sft.py config/sft.py
 
@@ -22,7 +22,6 @@ through model.py.
 """
 
 import json
-import math
 import random
 import sys
 import time
@@ -33,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (exact_match, get_lr, load_config, load_run, optimizer_step, progress_line,
+from model import (check_resume, exact_match, get_lr, load_run, optimizer_step, progress_line,
                    resume_training, run_main, save_checkpoint, setup_device, setup_precision,
                    training_state)
 from tokenizer import CHAT_TOKENS, read_conversations
@@ -77,6 +76,11 @@ DEFAULTS = dict(
     lora_chat_tokens=True,  # also train the chat tokens' embedding rows (new to the base)
     #< L14
 )
+# Keys a resumed run may change (as pretrain.py's RESUMABLE): the schedule's tail, what is
+# printed and evaluated, how it runs. The rest define what the checkpoint was trained on.
+RESUMABLE = {"max_iters", "min_lr", "lr", "warmup_iters", "grad_clip", "eval_interval", "eval_iters",
+             "log_interval", "eval_n", "eval_story", "eval_arith", "resume", "device", "dtype",
+             "compile"}
 
 # -----------------------------------------------------------------------------
 # Data: conversations -> (ids, mask) -> batches
@@ -229,7 +233,7 @@ def evaluate(model, tok, cfg, log=print):
         example = ""
         for chat, reply in zip(examples, r["replies"]):
             if chat in r["wrong"]:  # one wrong answer shows what is still missing
-                question = chat[-2]["content"].rsplit("\n", 1)[-1]  # the question, not the story
+                question = chat[-2]["content"].split("\n", 1)[0]  # the question, not the story
                 example = f"; e.g. {question!r} -> {reply!r} (expected {chat[-1]['content']!r})"
                 break
         log(f"exact match {task}: {r['accuracy']:.1%} (95% CI {r['ci_low']:.1%}-{r['ci_high']:.1%}, "
@@ -281,10 +285,13 @@ def train(cfg):
     val_set = load_conversations(cfg["val_data"], tok, block_size, log)
     model.train()
     # torch's AdamW: lesson 07 tested ours against it step for step, so either will do.
+    # betas as in pretraining; no weight decay by default: a few thousand steps from a good
+    # model should stay near it, not shrink it.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                   betas=(0.9, 0.95))
     step, before = 0, None
     if cfg["resume"]:
+        check_resume(ckpt, cfg, RESUMABLE)
         step = resume_training(ckpt, model, optimizer)
         before = ckpt.get("eval_before")
         log(f"resumed from {ckpt_path} at step {step}")

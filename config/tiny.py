@@ -8,9 +8,9 @@ model = "tiny"
 # questions and answers in the chat template (up to 256 tokens), which must fit one context.
 block_size = 256
 # Many small steps beat few big ones on a fixed 5-minute budget: with batch 16 x 1,500 steps
-# (the same tokens) val loss ends at 0.68 and names drift; with more, smaller steps the model
-# learns, after ~2,000 steps, to copy a character's name from earlier in the story.
-batch_size = 4
+# (128-token rows) val loss ends at 0.68 and names drift; with 3,000 steps the model learns, by
+# step ~1,500, to copy a character's name from earlier in the story (0.534 at the end).
+batch_size = 8
 max_iters = 3000
 lr = 2e-3
 min_lr = 2e-4

@@ -230,12 +230,15 @@ SYSTEM_PROMPTS = ["You answer questions about stories.", "Answer in a few words.
 
 
 def question_turn(story, question):
-    """The user's content for a question about a story: the story, then the question.
+    """The user's content for a question about a story: the question, then the story.
 
+    Question first because attention only looks back: the model reads the story
+    already knowing what it will be asked. With the story first, an SFT run of 8 x 2,500 steps
+    scored 38.5% on held-out questions instead of 54% (lessons.md, lesson 10).
     >>> question_turn(Story("Tom had a cat."), "Who had a cat?")
-    'Tom had a cat.\\nQuestion: Who had a cat?'
+    'Question: Who had a cat?\\nTom had a cat.'
     """
-    return f"{story.text}\nQuestion: {question}"
+    return f"Question: {question}\n{story.text}"
 
 
 def turn(role, content):

@@ -3,6 +3,7 @@
 loop (overfitting, resume, accumulation), exact match, chat.py's chat mode."""
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -147,16 +148,16 @@ def test_builtin_sets_are_split_by_story():
     """Held-out conversations are about stories no training conversation tells, and the
     held-out sums are not in train: a test of reading and adding, not of memory."""
     sets = storyworld.sft_sets(7, train_stories=40, val_stories=10, arith_train=100, arith_eval=20)
-    stories = lambda chats: {m["content"].split("\nQuestion:")[0] for c in chats for m in c
-                             if "\nQuestion:" in m["content"]}
+    stories = lambda chats: {m["content"].split("\n", 1)[1] for c in chats for m in c
+                             if m["content"].startswith("Question: ")}
     train, held = stories(sets["train"]), stories(sets["val"]) | stories(sets["eval_story"])
     assert len(train) == 40 and len(held) == 10 and not train & held
     assert held == {s.text for s in storyworld.stories(7, 40, 10)}
     train_sums = {c[0]["content"] for c in sets["train"] if c[0]["content"].startswith("What is")}
     assert not train_sums & {c[0]["content"] for c in sets["eval_arith"]}
     for chat in sets["eval_story"]:  # one question, the exact answer of story_questions
-        story = next(s for s in storyworld.stories(7, 40, 10) if chat[0]["content"].startswith(s.text))
-        question = chat[0]["content"].split("\nQuestion: ")[1]
+        story = next(s for s in storyworld.stories(7, 40, 10) if chat[0]["content"].endswith(s.text))
+        question = chat[0]["content"].split("\n")[0].removeprefix("Question: ")
         assert chat[0]["content"] == storyworld.question_turn(story, question)
         assert (question, chat[1]["content"]) in storyworld.story_questions(story)
 
@@ -290,6 +291,31 @@ def test_accumulation_weights_micro_batches_by_supervised_tokens(base, tmp_path)
     a = sft.load_run(tmp_path / "a")[0].state_dict()
     b = sft.load_run(tmp_path / "b")[0].state_dict()
     for k in a:  # subtle: Adam's first step is lr * sign(g), so the weights agree loosely anyway
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_with_double_accumulation(base, tmp_path):
+    """torchrun, 2 gloo processes x 1 micro-batch == 1 process x 2 micro-batches: the
+    supervised-token weighting must hold across ranks too (its count is all-reduced)."""
+    root, _ = base
+
+    def run(out, *launcher, extra=()):
+        cfg = sft_config(root, tmp_path / out, max_iters=3, eval_n=0, eval_interval=3, log_interval=1,
+                         batch_size=2)
+        path = tmp_path / f"{out}.py"
+        path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.items()))
+        r = subprocess.run([sys.executable, *launcher, str(ROOT / "sft.py"), str(path), *extra], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stdout + r.stderr
+        return [float(line.split("loss ")[1].split()[0]) for line in r.stdout.splitlines()
+                if line.startswith("step ") and "/" in line.split()[1]]
+
+    ddp = run("ddp", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    one = run("one", extra=["--grad_accum=2"])
+    assert len(ddp) == 3 and ddp == pytest.approx(one, abs=1e-5)
+    a, b = (sft.load_run(tmp_path / d)[0].state_dict() for d in ("ddp", "one"))
+    for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 

@@ -189,6 +189,128 @@ def bench_train():
 
 SECTIONS["train"] = bench_train
 #< L07
+#> L15 bench-attention
+# -----------------------------------------------------------------------------
+# Attention: time and memory against T (lesson 15)
+
+ATTENTION_IMPLS = ("naive", "sdpa", "flash", "triton")
+
+
+def attention_point(impl, T, B=1, nh=8, hs=64):
+    """One forward + backward of causal attention, in a fresh process (bench_attention starts it):
+    prints `seconds peak_MiB` as JSON. Memory is what the call adds on top of its inputs: on a
+    CPU the peak resident set (ru_maxrss) minus the one before the first call; on CUDA torch's
+    max_memory_allocated minus memory_allocated before it."""
+    import json
+    import resource
+
+    import torch
+
+    import kernels
+    from model import causal_mask, naive_attention, sdpa_attention
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    attend = {"naive": lambda q, k, v: naive_attention(q, k, v, causal_mask(q.size(2), k.size(2), q.device)),
+              "sdpa": sdpa_attention, "flash": kernels.flash_attention,
+              "triton": kernels.triton_attention}[impl]
+
+    def inputs(T):
+        return [torch.randn(B, nh, T, hs, device=device, requires_grad=True) for _ in range(4)]
+
+    def step():
+        attend(q, k, v).backward(dout)
+        if cuda:
+            torch.cuda.synchronize()
+
+    q, k, v, dout = inputs(64)
+    step()  # warm-up on a short sequence: loads lazily initialised code and thread pools
+    q, k, v, dout = inputs(T)
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    step()  # the first call at this T sets the peak
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**10
+    seconds, _ = timed(step, 3)
+    print(json.dumps([seconds, peak]))
+
+
+def bench_attention(Ts=(256, 512, 1024, 2048, 4096, 8192)):
+    """Causal attention, forward + backward, B=1, 8 heads, head size 64, fp32: naive (model.py),
+    SDPA (PyTorch's fused kernel) and ours (kernels.flash_attention; + the Triton kernel on CUDA).
+    Each point runs in its own process so that its peak memory is its own."""
+    import json
+    import subprocess
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    impls = ATTENTION_IMPLS if cuda else ATTENTION_IMPLS[:3]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread: comparable on a shared machine
+    print(f"attention fwd+bwd, causal, B=1 nh=8 hs=64 fp32, {'CUDA' if cuda else 'CPU, 1 thread'}; "
+          f"memory: {'max_memory_allocated' if cuda else 'peak RSS'} above the inputs, fresh process per point")
+    row("T / impl", "time  |  peak memory", "", "flash vs naive" + ("  |  TFLOP/s" if cuda else ""))
+    results = {impl: {} for impl in impls}
+    for T in Ts:
+        for impl in impls:
+            code = f"import bench; bench.attention_point({impl!r}, {T})"
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 cwd=Path(__file__).parent, env=env)
+            if run.returncode:  # e.g. killed for memory: say so and go on
+                row(f"T={T} {impl}", "failed", "", run.stderr.strip().splitlines()[-1:] or f"rc {run.returncode}")
+                continue
+            seconds, peak = results[impl][T] = json.loads(run.stdout.split("\n")[-2])
+            note = ""
+            if impl == "flash" and T in results["naive"]:
+                t_n, m_n = results["naive"][T]
+                note = f"time {seconds / t_n:.2f}x, memory {peak / m_n:.3f}x"
+            if cuda:  # 4 B T^2 hs per head forward (two matmuls), halved by the mask; backward 2.5x
+                note += f"  {3.5 * 2 * 8 * T * T * 64 / seconds / 1e12:.1f}"
+            row(f"T={T} {impl}", f"{seconds * 1e3:9.1f} ms | {peak:8.1f} MiB", "", note)
+            sys.stdout.flush()
+    flash = results["flash"]
+    if len(flash) > 1:
+        Ts_ok = sorted(flash)
+        growth = [flash[b][1] / flash[a][1] for a, b in zip(Ts_ok, Ts_ok[1:])]
+        print("  flash memory growth per doubling of T: " + ", ".join(f"{g:.2f}x" for g in growth)
+              + " (linear: 2x, quadratic: 4x)")
+    if both := sorted(set(flash) & set(results["naive"])):  # lesson 15's targets, at the longest T
+        T, (t_f, m_f), (t_n, m_n) = both[-1], flash[both[-1]], results["naive"][both[-1]]
+        print(f"  targets at T={T}: flash memory {m_f / m_n:.3f}x naive (want <= 0.1), "
+              f"time {t_f / t_n:.2f}x naive (want <= 3)")
+    plot_attention(results, "GPU" if cuda else "CPU")
+
+
+def plot_attention(results, where, path=Path(__file__).parent / "out" / "bench_attention.png"):
+    try:
+        import matplotlib
+    except ImportError:
+        print("  (no plot: pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for impl, points in results.items():
+        Ts = sorted(points)
+        for ax, i in zip(axes, (0, 1)):
+            ax.loglog(Ts, [points[T][i] for T in Ts], "o-", label=impl, base=2)
+    for ax, label in zip(axes, ("forward + backward, seconds", "peak memory above inputs, MiB")):
+        ax.set(xlabel="T (sequence length)", ylabel=label, title=f"causal attention, {where}")
+        ax.legend()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    print(f"  plot: {path}")
+
+
+SECTIONS["attention"] = bench_attention
+#< L15
 
 
 if __name__ == "__main__":

@@ -205,6 +205,12 @@ class ModelConfig:
         # Fail at construction, with the fix, rather than with a shape error later.
         choices = {"pos_emb": ("learned", "sinusoidal", "rope"), "norm": ("layernorm", "rmsnorm"),
                    "mlp": ("gelu", "swiglu"), "attn_impl": ("naive", "sdpa")}
+        #> L15 attn-impl
+        choices["attn_impl"] += ("flash", "triton")  # kernels.py: tiled, O(T) memory (lesson 15)
+        if self.attn_impl in ("flash", "triton") and self.dropout:
+            raise ValueError(f"attn_impl={self.attn_impl!r} has no attention dropout; "
+                             "set dropout=0 or use attn_impl='sdpa'")
+        #< L15
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"unknown {key}={getattr(self, key)!r}; choose one of {allowed}")
@@ -317,6 +323,12 @@ class Attention(nn.Module):
             n_rep = self.cfg.n_head // self.cfg.n_kv_head
             y = naive_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep),
                                 causal_mask(q.size(2), k.size(2), x.device))
+        #> L15 attn-impl
+        elif self.cfg.attn_impl in ("flash", "triton"):
+            import kernels  # here, not at the top: kernels.py imports model.py
+            attend = kernels.flash_attention if self.cfg.attn_impl == "flash" else kernels.triton_attention
+            y = attend(q, k, v, causal=True)  # GQA and Tq < Tk (cache) handled inside, K/V not copied
+        #< L15
         else:
             y = sdpa_attention(q, k, v, self.cfg.dropout if self.training else 0.0)
         return self.dropout(self.o_proj(merge_heads(y)))  # (B, T, nh*hs) -> (B, T, C)

@@ -160,7 +160,34 @@ def prepare_sft(out, stories=14000, val_stories=700, seed=1337):
         print(f"wrote {out / name}.jsonl: {len(chats):,} conversations")
 
 
+CHAT_DATA = {"sft": prepare_sft}  # chat-format sets: name -> writer(out, stories, val_stories)
 #< L10
+#> L11 dpo-data
+def prepare_dpo(out, stories=14000, val_stories=700, seed=1337, train_stories=2000):
+    """Preference pairs for lesson 11 in TRL's chat format, split by story like the SFT
+    sets: a question about a story, its right answer (chosen) against a plausible wrong
+    one of the same type (rejected). Training pairs come from the first train_stories
+    stories of pretraining's train split (6 pairs each), held-out pairs from its val split."""
+    import random
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"{seed}-dpo")  # the wrong answers: a fixed draw for a fixed seed
+    for name, start, count in (("train", 0, train_stories), ("val", stories, val_stories)):
+        rows = []
+        for story in storyworld.stories(seed, start, count):
+            for prompt, chosen, rejected in storyworld.preference_pairs(story, rng):
+                # preference_pairs writes a base-model prompt; the chat form asks the same question
+                question = prompt.rsplit("\nQuestion: ", 1)[1].removesuffix("\nAnswer:")
+                rows.append({"prompt": [storyworld.turn("user", storyworld.question_turn(story, question))],
+                             "chosen": [storyworld.turn("assistant", chosen.strip())],
+                             "rejected": [storyworld.turn("assistant", rejected.strip())]})
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        print(f"wrote {out / name}.jsonl: {len(rows):,} preference pairs")
+
+
+CHAT_DATA["dpo"] = prepare_dpo  # python data/prepare.py dpo
+#< L11
 def read_source(name, source, out):
     url, digest = SOURCES[name]
     if source:  # a file the user brought: check it like a download
@@ -196,7 +223,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Prepare token files for pretrain.py.")
     datasets = ["storyworld", "shakespeare_char", "shakespeare", "tinystories"]
     #> L10 sft-data
-    datasets.append("sft")  # chat JSONL for sft.py, from the story world
+    datasets += list(CHAT_DATA)  # chat JSONL for sft.py (and align.py), from the story world
     #< L10
     ap.add_argument("dataset", choices=datasets)
     ap.add_argument("--out", help="folder (default data/<dataset>)")
@@ -209,8 +236,8 @@ def main(argv=None):
     if args.dataset == "storyworld":
         return prepare_storyworld(out, args.stories, max(1, args.stories // 20), **vocab)
     #> L10 sft-data
-    if args.dataset == "sft":
-        return prepare_sft(out, args.stories, max(1, args.stories // 20))
+    if args.dataset in CHAT_DATA:
+        return CHAT_DATA[args.dataset](out, args.stories, max(1, args.stories // 20))
     #< L10
     if args.dataset == "tinystories":
         return prepare_tinystories(out, source=args.source, **vocab)

@@ -1,0 +1,13 @@
+#> L12 config
+# A Bradley-Terry reward model on the DPO pairs, from the SFT model of lesson 10.
+# python align.py config/reward.py
+method = "reward"
+init = "out/sft"
+out_dir = "out/reward"
+lr = 3e-4
+batch_size = 8
+max_iters = 150
+log_interval = 10
+eval_interval = 50
+eval_pairs = 300
+#< L12

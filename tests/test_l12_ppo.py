@@ -1,0 +1,226 @@
+#> L12 tests
+"""Lesson 12: reward model, KL estimators, GAE, the PPO losses, rollouts, a tiny PPO run."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import align
+from model import CausalLM, ModelConfig
+from test_l11_dpo import run_cfg, tiny_run  # noqa: F401 (a fixture, shared)
+
+
+def tiny_model(seed=0, vocab=16):
+    torch.manual_seed(seed)
+    return CausalLM(ModelConfig(vocab_size=vocab, block_size=32, n_layer=2, n_head=2, n_embd=32))
+
+
+def test_gae_hand_computed_four_steps():
+    """rewards [0, 0, 0, 1], values [.1, .2, .3, .4], gamma .9, lam .5, by hand:
+    d3 = 1 - .4 = .6                A3 = .6
+    d2 = .9 * .4 - .3 = .06         A2 = .06 + .45 * .6 = .33
+    d1 = .9 * .3 - .2 = .07         A1 = .07 + .45 * .33 = .2185
+    d0 = .9 * .2 - .1 = .08         A0 = .08 + .45 * .2185 = .178325
+    Guards the recursion's direction, gamma vs gamma*lambda, and V = 0 at the end."""
+    adv, ret = align.gae(torch.tensor([[0.0, 0, 0, 1]]), torch.tensor([[0.1, 0.2, 0.3, 0.4]]),
+                         torch.ones(1, 4), gamma=0.9, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[0.178325, 0.2185, 0.33, 0.6]]))
+    assert torch.allclose(ret, adv + torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+
+
+def test_gae_lambda_one_is_monte_carlo_and_lambda_zero_is_td():
+    """The two limits of the dial, against returns summed by hand: guards lambda applied to gamma's
+    place or a missing bootstrap V_{t+1}."""
+    g = torch.Generator().manual_seed(0)
+    r, v = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    gamma = 0.8
+    mc, _ = align.gae(r, v, torch.ones(3, 6), gamma, lam=1.0)
+    td, _ = align.gae(r, v, torch.ones(3, 6), gamma, lam=0.0)
+    for t in range(6):
+        ret = sum(gamma ** k * r[:, t + k] for k in range(6 - t))
+        assert torch.allclose(mc[:, t], ret - v[:, t], atol=1e-5)
+        next_v = v[:, t + 1] if t < 5 else 0.0
+        assert torch.allclose(td[:, t], r[:, t] + gamma * next_v - v[:, t], atol=1e-6)
+
+
+def test_gae_ignores_everything_outside_the_mask():
+    """A prompt before the answer and padding after it: garbage there must not leak
+    into the answer's advantages, and is 0 in the output (the episode ends at the
+    last valid action)."""
+    g = torch.Generator().manual_seed(1)
+    r, v = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1.0]])
+    adv, ret = align.gae(r, v, mask, 1.0, 0.95)
+    r2, v2 = r.clone(), v.clone()
+    r2[mask == 0], v2[mask == 0] = 100.0, -50.0
+    adv2, ret2 = align.gae(r2, v2, mask, 1.0, 0.95)
+    assert torch.allclose(adv, adv2) and torch.allclose(ret, ret2)
+    assert (adv[mask == 0] == 0).all()
+    alone, _ = align.gae(r[:1, 2:5], v[:1, 2:5], torch.ones(1, 3), 1.0, 0.95)
+    assert torch.allclose(adv[0, 2:5], alone[0])
+
+
+def test_clipped_surrogate_gradient_is_zero_past_the_clip_in_the_pushed_direction():
+    """Four tokens: (A > 0, ratio 1.5), (A < 0, ratio 0.5) are clipped -> gradient 0;
+    (A > 0, ratio 0.5), (A < 0, ratio 1.5) are not (the update may undo a mistake)
+    -> gradient -A ratio / N. Guards min/max swapped and clipping both ways."""
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 0.5, 1.5]])).requires_grad_()
+    A = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    loss, clip_frac, _ = align.ppo_policy_loss(logp, old, A, torch.ones(1, 4), clip_eps=0.2)
+    loss.backward()
+    want = torch.tensor([[0.0, 0.0, -1.0 * 0.5 / 4, 1.0 * 1.5 / 4]])
+    assert torch.allclose(logp.grad, want) and clip_frac.item() == 0.5
+
+
+def test_at_ratio_one_the_surrogate_is_the_vanilla_policy_gradient():
+    """grad of the clipped loss == grad of -mean(A log pi) when pi == pi_old."""
+    g = torch.Generator().manual_seed(2)
+    logp = (-torch.rand(2, 5, generator=g)).requires_grad_()
+    A, mask = torch.randn(2, 5, generator=g), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1.0]])
+    align.ppo_policy_loss(logp, logp.detach(), A, mask)[0].backward()
+    vanilla = logp.detach().clone().requires_grad_()
+    (-(A * vanilla * mask).sum() / mask.sum()).backward()
+    assert torch.allclose(logp.grad, vanilla.grad)
+
+
+def test_clipped_value_loss_matches_the_formula():
+    """0.5 max of the two squared errors, by hand; the masked position (a huge error) must not
+    count. Guards min for max and a clip around R instead of V_old."""
+    v = torch.tensor([[0.0, 1.0, 0.5, 3.0]])
+    old = torch.tensor([[0.5, 0.5, 0.5, 0.0]])
+    R = torch.tensor([[1.0, 0.0, 2.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0.0]])
+    want = 0
+    for vi, oi, ri in zip([0.0, 1.0, 0.5], [0.5, 0.5, 0.5], [1.0, 0.0, 2.0]):
+        clipped = oi + max(-0.2, min(0.2, vi - oi))
+        want += 0.5 * max((vi - ri) ** 2, (clipped - ri) ** 2) / 3
+    assert align.ppo_value_loss(v, old, R, mask, 0.2).item() == pytest.approx(want)
+
+
+def test_whitening_over_valid_tokens():
+    """Statistics over valid tokens only: guards padding pulling the mean, and padding left non-
+    zero."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 9, generator=g) * 3 + 7
+    mask = (torch.rand(4, 9, generator=g) > 0.4).float()
+    w = align.whiten(x, mask)
+    valid = w[mask.bool()]
+    assert valid.mean().abs() < 1e-5 and valid.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert (w[mask == 0] == 0).all()
+
+
+def test_kl_estimators_definitions_sign_and_monte_carlo():
+    """k1 = log p - log q and k3 = q/p - 1 - log(q/p) per sample; k3 >= 0 everywhere;
+    both average to the exact KL(p || q) of two categoricals, sampling from p."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    lp, lq = p.log(), q.log()
+    assert torch.allclose(align.kl_estimate(lp, lq, "k1"), lp - lq)
+    assert torch.allclose(align.kl_estimate(lp, lq, "k3"), q / p - 1 - (lq - lp))
+    assert (align.kl_estimate(lp, lq, "k3") >= 0).all() and (align.kl_estimate(lp, lq, "k1") < 0).any()
+    true_kl = (p * (lp - lq)).sum().item()
+    x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    for kind in ("k1", "k3"):
+        assert align.kl_estimate(lp[x], lq[x], kind).mean().item() == pytest.approx(true_kl, abs=0.01)
+    with pytest.raises(ValueError, match="k1 or k3"):
+        align.kl_estimate(lp, lq, "k2")
+
+
+def test_reward_model_loss_formula_and_score_position():
+    """Bradley-Terry's -log sigmoid(r_c - r_r) by hand, and the score read at each row's last
+    answer token, not at the padding after it."""
+    rc, rr = torch.tensor([1.0, 0.0, -2.0]), torch.tensor([0.0, 0.0, 1.0])
+    want = -sum(math.log(1 / (1 + math.exp(-(a - b)))) for a, b in zip(rc.tolist(), rr.tolist())) / 3
+    assert align.reward_model_loss(rc, rr).item() == pytest.approx(want)
+    # the score is read at each row's last answer token, not at the padding
+    rm = align.with_scalar_head(tiny_model())
+    torch.nn.init.normal_(rm.lm_head.weight)
+    ids, mask = align.collate_pairs([([1, 2, 3], [0, 1, 1], [4, 5, 6, 7, 8], [0, 0, 1, 1, 1])])
+    out = rm(ids)[0][..., 0]
+    assert torch.allclose(align.reward_scores(rm, ids, mask), torch.stack([out[0, 2], out[1, 4]]))
+
+
+def test_tiny_reward_model_separates_pairs():
+    """Trained on a handful of pairs, the reward model scores every chosen answer above
+    its rejected one; guards a head read at the wrong position or a flipped sign."""
+    rm = align.with_scalar_head(tiny_model(seed=1))
+    pairs = [([1, 2, 3], [0, 0, 1], [1, 2, 4], [0, 0, 1]), ([5, 6, 3], [0, 0, 1], [5, 6, 9], [0, 0, 1]),
+             ([7, 3, 8], [0, 1, 1], [7, 4, 8], [0, 1, 1]), ([9, 9, 3, 3], [0, 0, 1, 1], [9, 9, 4], [0, 0, 1])]
+    ids, mask = align.collate_pairs(pairs)
+    opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
+    for _ in range(40):
+        r = align.reward_scores(rm, ids, mask)
+        loss = align.reward_model_loss(r[:4], r[4:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    r = align.reward_scores(rm, ids, mask)
+    assert (r[:4] > r[4:]).all()
+
+
+def test_rollout_masks_the_answer_up_to_the_first_end_token():
+    """The response mask, row by row against the sampled ids: answer tokens through the first end
+    token, nothing of the prompt or of the repeated end tokens; the ids are usable in autograd."""
+    model = tiny_model(seed=2, vocab=6)
+    g = torch.Generator().manual_seed(0)
+    ids, mask, ended = align.rollout(model, [1, 2, 3], 16, 8, eos_id=5, generator=g)
+    assert ids.shape[0] == 16 and mask.shape == (16, ids.size(1) - 1) and ids[:, :3].eq(torch.tensor([1, 2, 3])).all()
+    for row, m, e in zip(ids.tolist(), mask.tolist(), ended.tolist()):
+        answer = row[3:]
+        stop = answer.index(5) + 1 if 5 in answer else len(answer)
+        assert m == [0.0] * 2 + [1.0] * stop + [0.0] * (len(answer) - stop)
+        assert e == (5 in answer)
+    assert ended.any() and not ended.all()  # both cases were exercised
+    align.token_logprobs(model, ids).sum().backward()  # cloned out of inference mode: trainable
+
+
+def test_verifiable_answers_parse_numbers_and_strings():
+    """Edge cases of the rule reward: spaces, trailing text, no answer, negatives."""
+    assert align.parse_number("  -12 ") == -12 and align.parse_number("42 apples") == 42
+    assert align.parse_number("no idea") is None
+    assert align.correct(" 42", "42") == 1.0 and align.correct("42 because 6*7", "42") == 1.0
+    assert align.correct("-7", "-7") == 1.0 and align.correct("7", "-7") == 0.0
+    assert align.correct("", "3") == 0.0 and align.correct("3 4", "34") == 0.0
+    assert align.correct("  the  Park.", "the park") == 1.0 and align.correct("the park and", "the park") == 0.0
+
+
+def test_tiny_ppo_raises_the_reward_of_saying_a_token():
+    """Toy rule reward: the fraction of answer tokens equal to 4. A few PPO iterations
+    from a random model must raise the mean score clearly; the KL to the reference grows
+    from 0, so the penalty is live."""
+    policy = tiny_model(seed=4, vocab=8)
+    ref, critic = align.frozen_copy(policy), align.with_scalar_head(policy)
+    cfg = {**align.DEFAULTS, "samples_per_prompt": 8, "max_new_tokens": 6, "nonend_penalty": 0.0,
+           "minibatch_size": 16, "ppo_epochs": 2, "kl_coef": 0.01}
+    opt = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=1e-2)
+    examples = [{"prompt": [1, 2]}, {"prompt": [3, 1, 2]}]
+    score = lambda answer, ended, ex: sum(t == 4 for t in answer) / 6  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    history = [align.ppo_iteration(policy, critic, ref, examples, score, opt, cfg, 7, g) for _ in range(12)]
+    assert history[0]["kl"] == pytest.approx(0, abs=1e-5)
+    assert history[-1]["score"] > history[0]["score"] + 0.3 and history[-1]["kl"] > 0
+    assert {"clip_frac", "approx_kl", "entropy", "value_loss", "explained_var", "length"} <= history[0].keys()
+
+
+
+def test_reward_then_ppo_commands_run_end_to_end(tiny_run, tmp_path):
+    """The reward method saves a scalar-head checkpoint that PPO's --reward=model loads;
+    PPO logs its metrics (KL starts at 0: policy == reference) and writes curves.png."""
+    root, _ = tiny_run
+    quiet = dict(log=lambda *a: None)
+    rm = align.train(run_cfg(root, tmp_path / "reward", method="reward"), **quiet)
+    assert rm["after"]["pair_acc"] > rm["before"]["pair_acc"]
+    cfg = run_cfg(root, tmp_path / "ppo", method="ppo", reward="model", reward_init=str(tmp_path / "reward"),
+                  prompts=str(root / "eval.jsonl"), task="story", max_iters=2, log_interval=1,
+                  prompts_per_iter=2, samples_per_prompt=2, max_new_tokens=4, ppo_epochs=1)
+    res = align.train(cfg, **quiet)
+    log = [json.loads(line) for line in open(tmp_path / "ppo" / "log.jsonl")]
+    assert res["step"] == 2 and log[0]["kl"] == pytest.approx(0, abs=1e-4) and "exact_match" in res["after"]
+    assert {"score", "clip_frac", "approx_kl", "entropy", "value_loss", "explained_var", "length"} <= log[0].keys()
+    assert (tmp_path / "ppo" / "curves.png").exists() and "critic" in torch.load(tmp_path / "ppo" / "ckpt.pt")
+    with pytest.raises(ValueError, match="not a reward model"):
+        align.load_reward_model(root / "sft", "cpu")
+#< L12

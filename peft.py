@@ -268,10 +268,10 @@ def lora_disabled(model):
 #
 # A base model has never seen the chat template's tokens (<|assistant_end|>
 # ...): their embedding rows are what pretraining left of a random init. Full
-# SFT trains them; LoRA, with the embedding frozen, cannot -- and then hardly
-# learns to answer at all (lesson 14's table). The fix (PEFT's
-# trainable_token_indices): train a delta for those rows only, V x C frozen,
-# k x C trained. With a tied head the same delta moves the output rows too.
+# SFT trains them; LoRA, with the embedding frozen, cannot, so its replies do
+# not learn to stop. The fix (PEFT's trainable_token_indices): train a delta
+# for those rows only, V x C frozen, k x C trained. With a tied head the same
+# delta moves the output rows too.
 
 
 class TokenRows(nn.Module):

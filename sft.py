@@ -73,7 +73,7 @@ DEFAULTS = dict(
     lora_alpha=16.0,  # the update is (lora_alpha / lora_rank) B A
     lora_targets="all-linear",  # or comma-separated layer names: "q_proj,v_proj"
     qlora=False,  # keep the frozen base in NF4 (needs lora_rank > 0)
-    lora_chat_tokens=True,  # also train the chat tokens' embedding rows (new to the base)
+    lora_tokens="chat",  # embedding rows that train beside LoRA: "chat" (new to the base), "all", "none"
     #< L14
 )
 # Keys a resumed run may change (as pretrain.py's RESUMABLE): the schedule's tail, what is
@@ -270,8 +270,12 @@ def train(cfg):
     model, tok, ckpt = load_run(ckpt_path if cfg["resume"] else cfg["init"], device)
     check_chat_tokens(tok, cfg["init"])
     #> L14 lora
+    rows = {"chat": [tok.special_tokens[t] for t in CHAT_TOKENS], "all": list(range(tok.vocab_size)),
+            "none": []}
+    if cfg["lora_tokens"] not in rows:
+        raise ValueError(f"lora_tokens={cfg['lora_tokens']!r}: choose one of {sorted(rows)}")
     lora = dict(r=cfg["lora_rank"], alpha=cfg["lora_alpha"], targets=cfg["lora_targets"], qlora=cfg["qlora"],
-                tokens=[tok.special_tokens[t] for t in CHAT_TOKENS] if cfg["lora_chat_tokens"] else [])
+                tokens=rows[cfg["lora_tokens"]])
     if cfg["qlora"] and not cfg["lora_rank"]:
         raise ValueError("qlora=True trains a LoRA adapter over the 4-bit base: set lora_rank=8 too")
     if cfg["lora_rank"] and not cfg["resume"]:  # on resume load_run rebuilt base + adapter

@@ -1,6 +1,11 @@
 #> L10 config
 # Lesson 10: fine-tune the base model of config/tiny.py on the story world's chats.
 # python sft.py config/sft.py   (after python pretrain.py config/tiny.py)
+#> L14 lora
+# Lesson 14, LoRA / QLoRA on the same data, seed and steps (an adapter needs a larger lr):
+# python sft.py config/sft.py --lora_rank=8 --lr=5e-3 --min_lr=5e-4 --out_dir=out/sft_lora
+# python sft.py config/sft.py --lora_rank=8 --qlora=True --lr=5e-3 --min_lr=5e-4 --out_dir=out/sft_qlora
+#< L14
 init = "out/tiny"
 out_dir = "out/sft"
 # 16 conversations x 1,500 steps: ~5 minutes on this machine, 73% held-out (x 1,250: 4.3

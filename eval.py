@@ -439,10 +439,10 @@ def main(argv=None):
         if task == "ppl":
             if args.file and args.file.endswith(".txt"):
                 ids = tok.encode(Path(args.file).read_text(encoding="utf-8"))
-            elif args.file or Path(ckpt["data"], "val.bin").exists():
+            elif args.file or Path(ckpt.get("data") or "", "val.bin").is_file():
                 ids = np.memmap(args.file or Path(ckpt["data"], "val.bin"), dtype=np.uint16, mode="r")
-            else:  # a run folder copied away from its data: the other tasks still run
-                print(f"ppl   skipped: the training data {ckpt['data']} is not here; pass --file")
+            else:  # copied away from its data, or a fine-tuned run (no token files): the rest runs
+                print(f"ppl   skipped: no pretraining data at {ckpt.get('data')!r}; pass --file")
                 continue
             result = perplexity(model, ids, args.stride, tok)
         elif task == "mc":

@@ -560,10 +560,12 @@ class CausalLM(nn.Module):
     #> L09 from-checkpoint
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu"):
-        """(model, checkpoint dict) from a pretrain.py run folder or ckpt.pt file."""
+    def from_checkpoint(cls, path, device="cpu", ckpt=None):
+        """(model, checkpoint dict) from a pretrain.py run folder or ckpt.pt file
+        (or from `ckpt`, that file already loaded: a big one is read only once)."""
         path = Path(path)
-        ckpt = load_checkpoint(path / "ckpt.pt" if path.is_dir() else path, map_location=device)
+        if ckpt is None:
+            ckpt = load_checkpoint(path / "ckpt.pt" if path.is_dir() else path, map_location=device)
         if "model_config" not in ckpt or "model" not in ckpt:
             raise ValueError(f"{path} is not a checkpoint written by pretrain.py or sft.py")
         model = cls(ModelConfig(**ckpt["model_config"]))
@@ -1024,7 +1026,7 @@ def check_resume(ckpt, cfg, resumable, mcfg=None, tok=None):
              and old_cfg[k] != v]
     if mcfg is not None:  # the model's shape: what the preset and the data made of the config
         diffs += [f"{k} {old!r} -> {mcfg.__dict__[k]!r}" for k, old in ckpt["model_config"].items()
-                  if mcfg.__dict__.get(k) != old]
+                  if mcfg.__dict__.get(k) != old and k != "attn_impl"]  # attn_impl: how, not what
     if tok is not None and isinstance(ckpt.get("tokenizer"), dict) and ckpt["tokenizer"] != tok.state():
         diffs.append("tokenizer (the dataset was prepared with another one)")
     if diffs:
@@ -1086,14 +1088,17 @@ def load_run(path, device="cpu"):
     there."""
     from tokenizer import load_tokenizer  # only this helper needs it: model.py stays standalone
 
-    #> L14 lora-run
     ckpt = load_checkpoint(Path(path) / "ckpt.pt" if Path(path).is_dir() else path, device)
+    #> L14 lora-run
     if "lora" in ckpt:  # a LoRA run holds its adapter alone: rebuild its base, then attach
         import peft  # imported here: peft.py imports model.py
+        if not Path(ckpt["lora"]["base"]).exists():
+            raise FileNotFoundError(f"{path} is a LoRA run: it holds only the adapter, and its base "
+                                    f"checkpoint {ckpt['lora']['base']} is missing; copy the base there")
         model, tok, _ = load_run(ckpt["lora"]["base"], device)
         return peft.attach_adapter(model, ckpt), tok, ckpt
     #< L14
-    model, ckpt = CausalLM.from_checkpoint(path, device)
+    model, ckpt = CausalLM.from_checkpoint(path, device, ckpt)
     source = ckpt.get("tokenizer")
     if source is None or (isinstance(source, str) and not Path(source).exists()):
         raise FileNotFoundError(f"{path} has no tokenizer (an old checkpoint whose tokenizer file "

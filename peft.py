@@ -570,13 +570,13 @@ def quantize_blockwise_8bit(x, blocksize=DQ_BLOCK):
     # subtle: the kernel computes t * 65535 + 0.5 as one fused multiply-add (one rounding,
     # emulated in float64), rounds that to float32, then truncates to an integer.
     pos = (t.double() * (LUT_SIZE - 1) + 0.5).float().long()  # (n_blocks, blocksize)
-    q = DYNAMIC_TABLE[pos].masked_fill(absmax[:, None] == 0, 0)
+    q = DYNAMIC_TABLE.to(x.device)[pos].masked_fill(absmax[:, None] == 0, 0)  # tables live on the CPU
     return q.reshape(-1)[:n], absmax
 
 
 def dequantize_blockwise_8bit(q, absmax, blocksize=DQ_BLOCK):
     n = q.numel()
-    values = F.pad(DYNAMIC_CODE[q.long()], (0, -n % blocksize)).view(-1, blocksize)
+    values = F.pad(DYNAMIC_CODE.to(q.device)[q.long()], (0, -n % blocksize)).view(-1, blocksize)
     return (values * absmax[:, None]).reshape(-1)[:n]
 
 
@@ -606,7 +606,8 @@ def nf4_quantize(W, double_quant=False, blocksize=NF4_BLOCK):
         scaled[-1] = blocks[-1] / absmax[-1].clamp(min=1e-38)
     scaled = scaled.clamp(-1, 1).reshape(-1)[:n]
     scaled = F.pad(scaled, (0, n % 2))  # odd n: the last byte's low nibble encodes 0.0
-    idx = torch.bucketize(scaled, (NF4_CODE[:-1] + NF4_CODE[1:]) / 2).to(torch.uint8)  # (n,)
+    code = NF4_CODE.to(x.device)
+    idx = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)  # (n,)
     packed = (idx[0::2] << 4) | idx[1::2]  # ((n+1)//2,) two indices per byte
     state = {"absmax": absmax, "shape": tuple(W.shape), "dtype": W.dtype, "blocksize": blocksize}
     if double_quant:

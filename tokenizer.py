@@ -48,7 +48,7 @@ GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{
 # Being special tokens, they are single ids that no user text can spell: encode()
 # refuses their text in content, so "<|user_end|>" typed by a user stays letters.
 CHAT_TOKENS = [
-    "<|bos|>",  # begin of conversation: the model's first input, attends-to-anchor
+    "<|bos|>",  # begin of conversation: always the first token, so every chat starts alike
     "<|system_start|>", "<|system_end|>",  # optional instructions for the whole chat
     "<|user_start|>", "<|user_end|>",  # what the person says
     "<|assistant_start|>", "<|assistant_end|>",  # what the model says; _end = stop generating
@@ -738,21 +738,26 @@ def decode_stream(tok, tokens, stop_ids=()):
     subtle: a BPE token can end in the middle of a UTF-8 character, so one
     token's bytes may not decode alone. We decode everything so far and hold
     the text back while its tail is incomplete (U+FFFD), yielding only the new
-    part. Stops at the first id in stop_ids (not yielded).
+    part. Stops at the first id in stop_ids (not yielded); a character still
+    incomplete at the end comes out as U+FFFD rather than vanishing.
     >>> tok = BPETokenizer()  # bytes only: "é" is two tokens, 0xC3 0xA9
     >>> list(decode_stream(tok, [104, 0xC3, 0xA9, 33, 0, 104], stop_ids={0}))
     ['h', 'é', '!']
+    >>> list(decode_stream(tok, [104, 0xC3]))
+    ['h', '�']
     """
     new, shown = [], 0
     for t in tokens:
         t = int(t)  # a 0-d or one-element tensor from model.stream, or an int
         if t in stop_ids:
-            return
+            break
         new.append(t)
         text = tok.decode(new)
         if not text.endswith("\ufffd"):
             yield text[shown:]
             shown = len(text)
+    if tail := tok.decode(new)[shown:]:  # bytes that never completed a character: show them
+        yield tail
 #< L09
 
 
@@ -815,8 +820,8 @@ def main(argv=None):
         return
     #> L10 show-chat
     if args.cmd == "chat":
-        tok = BPETokenizer.load(args.tokenizer)
         try:
+            tok = BPETokenizer.load(args.tokenizer)
             conversations = read_conversations(args.path)
             print(show_conversation(tok, conversations[args.index]))
         except (ValueError, IndexError, OSError) as e:

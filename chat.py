@@ -73,20 +73,17 @@ def chat_command(name, value, chat):
 def fit_context(tok, chat, block_size, room):
     """Drop the oldest whole turns (a user message and its reply) until the rendered
     conversation plus `room` tokens for the reply fits block_size; returns the
-    messages to render. The system message stays. Raises if the last message alone
-    cannot fit."""
+    messages to render. The system message stays. Raises, dropping nothing, if the
+    new message cannot fit even alone."""
     system = [{"role": "system", "content": chat["system"]}] if chat["system"] else []
-    while True:
-        messages = system + chat["history"]
-        ids, _ = tok.render_conversation(messages, for_completion=True)
-        if len(ids) + room <= block_size:
-            return messages
-        if len(chat["history"]) <= 1:  # only the new message is left, and it is too long
-            chat["history"] = []
-            raise ValueError(f"that message is {len(ids)} tokens; with {room} for the reply the "
-                             f"model's context of {block_size} cannot hold it")
+    alone, _ = tok.render_conversation(system + chat["history"][-1:], for_completion=True)
+    if len(alone) + room > block_size:  # check first: never lose the history for nothing
+        raise ValueError(f"that message is {len(alone)} tokens; with {room} for the reply the "
+                         f"model's context of {block_size} cannot hold it")
+    while len(tok.render_conversation(system + chat["history"], for_completion=True)[0]) + room > block_size:
         chat["history"] = chat["history"][2:]
         print(f"(dropped the oldest turn to fit the {block_size}-token context)", flush=True)
+    return system + chat["history"]
 
 
 def chat_loop(model, tok, settings, generator, interactive):
@@ -95,7 +92,6 @@ def chat_loop(model, tok, settings, generator, interactive):
     chat = {"system": "", "history": []}
     # Answers here are facts from a story: greedy is the right default (/temp 0.8 to vary).
     settings["temp"] = 0.0
-    room = min(settings["len"], model.cfg.block_size // 4)  # tokens kept free for a reply
     while True:
         if interactive:
             print("you> ", end="", flush=True)
@@ -110,6 +106,7 @@ def chat_loop(model, tok, settings, generator, interactive):
         if not line.strip():
             continue
         chat["history"].append({"role": "user", "content": line.replace("\\n", "\n")})
+        room = min(settings["len"], model.cfg.block_size // 4)  # tokens kept free for the reply
         try:
             messages = fit_context(tok, chat, model.cfg.block_size, room)
         except ValueError as e:  # special-token text in the message, or a message too long

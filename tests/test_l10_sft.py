@@ -342,6 +342,8 @@ def test_wilson_interval_known_values():
 
 
 def test_fit_context_drops_the_oldest_whole_turns(byte_tok):
+    """chat.py trims from the oldest whole turn, never mid-turn, keeps the system message,
+    and a new message too long to fit even alone is refused without losing the history."""
     chat = {"system": "S", "history": [user("aaaa"), assistant("bbbb"), user("cc"), assistant("dd"),
                                        user("e")]}
     full = len(byte_tok.render_conversation([{"role": "system", "content": "S"}, *chat["history"]],
@@ -350,6 +352,7 @@ def test_fit_context_drops_the_oldest_whole_turns(byte_tok):
     assert messages == [{"role": "system", "content": "S"}, user("cc"), assistant("dd"), user("e")]
     with pytest.raises(ValueError, match="cannot hold it"):
         C.fit_context(byte_tok, chat, block_size=5, room=0)
+    assert chat["history"] == [user("cc"), assistant("dd"), user("e")]  # nothing dropped for nothing
 
 
 def test_chat_mode_through_a_pipe(base, tuned):

@@ -9,15 +9,6 @@ Commands: /temp 0.8 (0 = greedy), /topk 50, /topp 0.9, /len 200, /reset, and
 Ctrl-D (end of input) to quit. Lesson 10 adds a chat mode for models tuned
 with the chat template; until then every checkpoint is completed as text.
 """
-#> L10 chat-mode
-# Lesson 10: a checkpoint from sft.py (or align.py) opens a chat instead:
-#     python chat.py out/sft
-# Each line you type is a user turn; the whole conversation is rendered with
-# the template and the reply streams until <|assistant_end|>. /system TEXT sets
-# a system message (/system alone clears it), /history shows the turns, /reset
-# forgets them. When the conversation outgrows the model's block_size, the
-# oldest whole turns (a question with its answer) are dropped.
-#< L10
 
 import argparse
 import sys
@@ -87,8 +78,20 @@ def fit_context(tok, chat, block_size, room):
 
 
 def chat_loop(model, tok, settings, generator, interactive):
-    """Read user turns, stream replies. Returns at the end of input."""
+    """Chat mode (lesson 10): a checkpoint from sft.py or align.py opens a chat.
+
+        python chat.py out/sft
+
+    Each line you type is a user turn; the whole conversation is rendered with
+    the template and the reply streams until <|assistant_end|>. /system TEXT sets
+    a system message (/system alone clears it), /history shows the turns, /reset
+    forgets them. When the conversation outgrows the model's block_size, the
+    oldest whole turns (a question with its answer) are dropped. Returns at the
+    end of input.
+    """
     from model import chat_stream  # lesson 10's: imported here, where chat mode begins
+    # The model has no memory between calls: the "conversation" is this list, rendered
+    # anew for every reply, so /reset and trimming are just edits to a Python list.
     chat = {"system": "", "history": []}
     # Answers here are facts from a story: greedy is the right default (/temp 0.8 to vary).
     settings["temp"] = 0.0
@@ -120,6 +123,8 @@ def chat_loop(model, tok, settings, generator, interactive):
             print(piece, end="", flush=True)
             reply += piece
         print(flush=True)
+        # The reply joins the history as the model said it: the next turn is rendered with
+        # it, exactly as training rendered a multi-turn conversation.
         chat["history"].append({"role": "assistant", "content": reply})
 #< L10
 

@@ -302,6 +302,9 @@ def train(cfg):
     ddp, rank, world, device, why = setup_device(cfg)
     master = rank == 0  # only one process prints, samples and writes files
     log = print if master else (lambda *a, **k: None)
+    # autocast runs matmuls in bf16/fp16 and keeps precision-sensitive ops (softmax, norms,
+    # the loss) in fp32; the weights and the optimizer stay fp32 throughout. With fp16 the
+    # scaler multiplies the loss so small gradients do not underflow (model.setup_precision).
     autocast, scaler, precision = setup_precision(device, cfg["dtype"])
     log(f"device: {why}; precision: {precision}")
 
@@ -319,6 +322,9 @@ def train(cfg):
     model = CausalLM(mcfg).to(device)
     optimizer = make_optimizer(model, cfg)
     if ckpt:  # everything that shapes the next step comes back, so the run continues exactly
+        # Weights, Adam's moments (without them: a jolt), the step (the lr schedule's
+        # position and the next batch number) and the RNG (dropout continues as if never
+        # stopped): everything that shapes the next step comes back.
         step = resume_training(ckpt, model, optimizer)
         log(f"resumed from {ckpt_path} at step {step}")
     raw = model  # checkpoints store the plain module, not the compiled or DDP wrapper
@@ -328,6 +334,8 @@ def train(cfg):
         model = DDP(model, device_ids=[device] if device.type == "cuda" else None)
     train_batches = Batches(folder / "train.bin", mcfg.block_size, cfg["batch_size"], cfg["seed"], device)
     val_batches = Batches(folder / "val.bin", mcfg.block_size, cfg["batch_size"], cfg["seed"] + 1, device)
+    # One optimizer step sees batch_size x block_size tokens per micro-batch, grad_accum
+    # micro-batches per process, and world processes: the throughput in the log counts all.
     tokens_per_step = cfg["batch_size"] * mcfg.block_size * cfg["grad_accum"] * world
     log(f"model: {raw.num_params():,} parameters; {tokens_per_step:,} tokens per step; "
         f"{meta['train_tokens']:,} training tokens")
@@ -358,6 +366,9 @@ def train(cfg):
             if ddp:  # the loss of the whole step, not just this rank's share (for logs)
                 dist.all_reduce(loss)  # a sum (gloo has no AVG): divide by the process count
                 loss /= world
+            # model.optimizer_step, shared with sft.py and align.py: stop on a NaN/inf loss
+            # before it reaches a checkpoint, unscale (fp16), clip the global gradient norm
+            # (lesson 07), step, and free the gradients (set to None, not zeroed).
             norm = optimizer_step(raw, optimizer, scaler, loss, cfg["grad_clip"], step, ckpt_path)
             step += 1
             if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:

@@ -145,7 +145,41 @@ def bench_gpt2_step():
     row("train step 4x256 (fwd + bwd + AdamW)", f"{float(out[0]):.1f} s", "", f"peak RSS {peak:.1f} GiB, loss {out[1]}")
 
 
-SECTIONS["model"], SECTIONS["gpt2step"] = bench_model, bench_gpt2_step
+def bench_decode():
+    """Greedy decoding on a Qwen3-0.6B-shaped model with random weights (no download):
+    ours in bf16 and fp32 beside transformers' generate in fp32 on the same weights,
+    one thread each, alternating, the same number of new tokens."""
+    import tempfile
+
+    import torch
+    import transformers as tf
+
+    from model import CausalLM
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    shape = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)
+    theirs = tf.Qwen3ForCausalLM(tf.Qwen3Config(**shape)).eval()
+    with tempfile.TemporaryDirectory() as folder:  # ours loads their files, as from a download
+        theirs.save_pretrained(folder)
+        ours = {dt: CausalLM.from_pretrained(folder, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
+    prompt, new = torch.randint(0, shape["vocab_size"], (1, 16)), 32
+    with torch.inference_mode():
+        hf = lambda: theirs.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        run = {dt: (lambda m=m: m.generate(prompt, new, temperature=0)) for dt, m in ours.items()}
+        same = {dt: (f() == hf()).float().mean().item() for dt, f in run.items()}  # also the warm-up
+        t_hf, t_bf16 = alternate(hf, run[torch.bfloat16], repeats=3)
+        t_fp32 = timed(run[torch.float32], 3)[0]
+    print(f"decode, Qwen3-0.6B shape (28 x 1024, GQA 16/8), {new} new tokens after 16, CPU, 1 thread")
+    row("transformers generate, fp32", f"{new / t_hf:.2f} tok/s")
+    row("ours, fp32", f"{new / t_fp32:.2f} tok/s", "", f"{t_hf / t_fp32:.2f}x transformers, "
+        f"{same[torch.float32]:.0%} tokens equal")
+    row("ours, bf16 weights", f"{new / t_bf16:.2f} tok/s", "", f"{t_hf / t_bf16:.2f}x transformers "
+        f"fp32 (target 1.5x), {same[torch.bfloat16]:.0%} tokens equal")
+
+
+SECTIONS["model"], SECTIONS["gpt2step"], SECTIONS["decode"] = bench_model, bench_gpt2_step, bench_decode
 #< L05
 #> L07 bench-train
 # -----------------------------------------------------------------------------

@@ -996,7 +996,10 @@ def train(cfg, log=print):
     def checkpoint():
         if master:
             extra = {name: m.state_dict() for name, m in run.get("extra", {}).items()}
+            # chat: a policy (not the reward model) answers through the template, so chat.py
+            # and eval.py open it in chat mode, as they do lesson 10's checkpoint.
             save_checkpoint(out / "ckpt.pt", training_state(run["module"], optimizer, step, cfg, tok, before=before,
+                                                            chat=cfg["method"] != "reward",
                                                             **extra, **run.get("checkpoint", {})))
 
     out.mkdir(parents=True, exist_ok=True)

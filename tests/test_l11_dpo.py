@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import align
-from model import CausalLM, ModelConfig
+from model import CausalLM, ModelConfig, load_run
 
 
 def tiny_model(seed=0, vocab=16):
@@ -284,6 +284,7 @@ def test_dpo_run_learns_and_resumes_exactly(tiny_run, tmp_path, monkeypatch, ref
     res = align.train(run_cfg(root, tmp_path / "straight", reference=reference), log=lambda *a: None)
     assert res["after"]["pref_acc"] > 0.5 and res["before"]["pref_acc"] == 0  # a tie at step 0
     assert (tmp_path / "straight" / "eval.json").exists()
+    assert load_run(tmp_path / "straight")[2]["chat"]  # chat.py and eval.py open it in chat mode
     real = align.dpo_step
     calls = []
 

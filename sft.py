@@ -184,7 +184,7 @@ class ChatBatches:
         self._orders = {}
 
     def order(self, epoch):
-        if epoch not in self._orders:  # each epoch's permutation, computed once
+        if epoch not in self._orders:  # keep only the latest epoch's: batches walk forward
             self._orders = {epoch: random.Random(f"{self.seed}-{epoch}").sample(
                 range(len(self.examples)), len(self.examples))}
         return self._orders[epoch]

@@ -688,8 +688,9 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 #> L05 safetensors exercise
 def read_safetensors(path):
     """{name: tensor} from one .safetensors file, with errors that say what is wrong."""
-    with open(path, "rb") as f:
-        data = bytearray(f.read())  # writable, so torch.frombuffer can share it
+    data = bytearray(os.path.getsize(path))  # writable, so torch.frombuffer can share it
+    with open(path, "rb") as f:  # read into it: bytearray(f.read()) would briefly hold two copies
+        f.readinto(data)
     n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
     if not 0 < n <= len(data) - 8:
         raise ValueError(f"{path}: corrupt safetensors header (length {n}, file {len(data)} bytes)")

@@ -882,18 +882,25 @@ def decode_stream(tok, tokens, stop_ids=()):
     token's bytes may not decode alone. We decode everything so far and hold
     the text back while its tail is incomplete (U+FFFD), yielding only the new
     part. Stops at the first id in stop_ids (not yielded); a character still
-    incomplete at the end comes out as U+FFFD rather than vanishing.
+    incomplete at the end comes out as U+FFFD rather than vanishing. An id past
+    the vocabulary has no text and shows as nothing, as in `tokenizers`: Qwen3
+    pads its embedding to 151,936 rows for 151,669 tokens, and an untrained or
+    hot-sampled model can pick a padding row.
     >>> tok = BPETokenizer()  # bytes only: "é" is two tokens, 0xC3 0xA9
     >>> list(decode_stream(tok, [104, 0xC3, 0xA9, 33, 0, 104], stop_ids={0}))
     ['h', 'é', '!']
     >>> list(decode_stream(tok, [104, 0xC3]))
     ['h', '�']
+    >>> list(decode_stream(tok, [104, 300, 105]))
+    ['h', 'i']
     """
     new, shown = [], 0
     for t in tokens:
         t = int(t)  # a 0-d or one-element tensor from model.stream, or an int
         if t in stop_ids:
             break
+        if t >= tok.vocab_size:
+            continue
         new.append(t)
         text = tok.decode(new)
         if not text.endswith("\ufffd"):

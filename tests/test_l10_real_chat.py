@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import eval as E
+import sft
 from model import chat_reply, load_run
 from test_l01_tokenizer import QWEN2_SPLIT, hf_tokenizer
 from tokenizer import GPT4_SPLIT_PATTERN, chat_end, load_tokenizer
@@ -182,6 +183,23 @@ def test_eval_mc_on_a_folder_scores_like_transformers(folders, tmp_path):
             scores.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
         right += max(range(4), key=scores.__getitem__) == answer
     assert got["items"] == 4 and got["acc"] == right / 4
+
+
+def test_sft_from_a_folder_keeps_its_template(folders, tmp_path):
+    """Full fine-tuning from a Llama folder on a chat JSONL of one's own: the run trains on
+    Llama 3's layout, and its checkpoint, reloaded, still renders and chats in it."""
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "I am fine."}]
+    data = tmp_path / "mine.jsonl"
+    data.write_text(json.dumps({"messages": messages}) + "\n")
+    cfg = {**sft.DEFAULTS, "init": str(folders["llama"]), "data": str(data), "val_data": str(data), "eval_n": 0,
+           "out_dir": str(tmp_path / "out"), "batch_size": 1, "max_iters": 2, "eval_interval": 2,
+           "eval_iters": 1, "log_interval": 2, "dtype": "float32", "device": "cpu"}
+    assert sft.train(cfg)["step"] == 2
+    _, base_tok, _ = load_run(folders["llama"])
+    model, tok, ckpt = load_run(tmp_path / "out")
+    assert ckpt["chat"] and tok.chat_format["name"] == "llama3"
+    assert tok.render_conversation(messages) == base_tok.render_conversation(messages)
+    assert model.cfg == load_run(folders["llama"])[0].cfg
 
 
 @pytest.mark.slow

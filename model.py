@@ -1127,7 +1127,7 @@ def load_run(path, device="cpu", dtype=None):
     if source is None or (isinstance(source, str) and not Path(source).exists()):
         raise FileNotFoundError(f"{path} has no tokenizer (an old checkpoint whose tokenizer file "
                                 f"{source} is gone): prepare the same dataset again, or retrain")
-    return model.to(dtype=dtype or model.lm_head.weight.dtype), load_tokenizer(source), ckpt
+    return model.to(dtype) if dtype else model, load_tokenizer(source), ckpt
 #< L09
 #> L10 hf-run
 
@@ -1159,8 +1159,7 @@ def load_hf_run(path, device="cpu", dtype=None):
         raise ValueError(f"{path}: tokenizer.json has {tok.vocab_size} tokens, the model only "
                          f"{model.cfg.vocab_size} embedding rows; the files are from different models")
     chat = tok.chat_format is not None and bool(hf_chat_template(path))
-    return model, tok, {"model_config": dict(model.cfg.__dict__), "tokenizer": tok.state(), "chat": chat,
-                        "hf_folder": str(path.resolve())}
+    return model, tok, {"model_config": dict(model.cfg.__dict__), "tokenizer": tok.state(), "chat": chat}
 #< L10
 #> L10 chat-plumbing
 

@@ -442,7 +442,7 @@ def file_sha256(path):
 def checkpoint_file(path):
     """What a LoRA run's base is: a ckpt.pt, or a Hugging Face folder as a whole."""
     path = Path(path)
-    return path if is_hf_folder(path) else path / "ckpt.pt" if path.is_dir() else path
+    return path / "ckpt.pt" if path.is_dir() and not is_hf_folder(path) else path
 
 
 def apply_adapter(model, settings):

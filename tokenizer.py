@@ -565,14 +565,15 @@ class BPETokenizer:
         """Plain lists, dicts, ints and strings: a JSON file's content, and also what a
         checkpoint stores, since torch.load(weights_only=True) accepts exactly these.
         Merges in learning order as [a, b, new_id]."""
-        return {"format": "intro2llm-bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
-                "byte_ids": self.byte_ids, "special_tokens": self.special_tokens,
-                "merges": [[a, b, i] for (a, b), i in self.merges.items()],
-                **{k: True for k in ("nfc", "ignore_merges") if getattr(self, k)},
-                #> L10 real-templates
-                **({"chat_format": self.chat_format} if self.chat_format else {}),  # travels with the run
-                #< L10
-                }
+        state = {"format": "intro2llm-bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
+                 "byte_ids": self.byte_ids, "special_tokens": self.special_tokens,
+                 "merges": [[a, b, i] for (a, b), i in self.merges.items()],
+                 **{k: True for k in ("nfc", "ignore_merges") if getattr(self, k)}}
+        #> L10 real-templates
+        if self.chat_format:  # a real model's template travels with every run made from it
+            state["chat_format"] = self.chat_format
+        #< L10
+        return state
 
     def save(self, path):
         """One readable JSON file."""

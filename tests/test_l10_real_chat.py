@@ -109,6 +109,25 @@ def test_templates_equal_apply_chat_template(folders, kind):
             assert tok.render_conversation(messages, for_completion=prompt)[0] == expected
 
 
+def test_plain_chatml_template_without_thinking(folders, tmp_path):
+    """A Qwen folder whose template is plain ChatML (no <think> in it) renders plain ChatML:
+    guards the format being read from the template, not only from the model type."""
+    folder = tmp_path / "chatml"
+    folder.mkdir()
+    for f in folders["qwen3"].iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    template = QWEN3_TEMPLATE.replace("<think>\n\n</think>\n\n", "")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template}))
+    theirs = tf.AutoTokenizer.from_pretrained(folder)
+    _, tok, _ = load_run(folder)
+    assert tok.chat_format["name"] == "chatml"
+    for messages in chats():
+        prompt = messages[-1]["role"] == "user"
+        expected = theirs.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True)["input_ids"]
+        assert tok.render_conversation(messages, for_completion=prompt)[0] == expected
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_mask_covers_replies_and_their_end_token(folders, kind):
     """The loss mask on a real template: exactly each reply's tokens and the turn's end

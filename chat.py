@@ -4,6 +4,7 @@ chat.py -- talk to a checkpoint; tokens are printed as they are generated.
 
     python chat.py out/tiny            # a base model: type the start, it continues
     echo "Once upon a time" | python chat.py out/tiny
+    python chat.py ~/models/Qwen3-0.6B --dtype bfloat16   # a downloaded Hugging Face folder
 
 Commands: /temp 0.8 (0 = greedy), /topk 50, /topp 0.9, /len 200, /reset, and
 Ctrl-D (end of input) to quit. Lesson 10 adds a chat mode for models tuned
@@ -133,9 +134,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Stream completions from a checkpoint.")
     ap.add_argument("ckpt", nargs="?", default="out/tiny", help="run folder or ckpt.pt")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="bfloat16: half the memory, and faster on CPUs with avx512_bf16")
+    #> L10 hf-run
+    ap.add_argument("--think", action="store_true", help="Qwen3: let it reason (<think>) before answering")
+    #< L10
     args = ap.parse_args(argv)
     try:
-        model, tok, ckpt = load_run(args.ckpt)
+        model, tok, ckpt = load_run(args.ckpt, dtype=getattr(torch, args.dtype))
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         sys.exit(f"chat.py: cannot load {args.ckpt}: {e}")
     # Sampling settings the /commands change. temp 0.8 with top-k 50 is a common default:
@@ -146,6 +152,8 @@ def main(argv=None):
     # A terminal gets a prompt sign; a pipe (tests, scripts) gets only the answers.
     interactive = sys.stdin.isatty()
     #> L10 chat-mode
+    if getattr(tok, "chat_format", None):  # Qwen3's switch: thinking on drops the empty <think> block
+        tok.chat_format["thinking"] = args.think
     if ckpt.get("chat"):  # tuned with the chat template: talk, do not complete
         print(f"{model.num_params():,}-parameter chat model from {args.ckpt}. One line per turn "
               "(type \\n for a line break); /system TEXT, /history, /reset; Ctrl-D quits.")

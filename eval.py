@@ -8,6 +8,7 @@ eval.py -- measure a checkpoint honestly: perplexity, multiple choice, pass@k.
     python eval.py --ckpt out/tiny --task passk --n 10 --k 1 5   # built-in Python problems
     python eval.py --ckpt out/tiny --task story|arith   # exact-match tasks (after SFT, lesson 10)
     python eval.py --ckpt out/sft --task story arith    # a chat model: through its template
+    python eval.py --ckpt ~/models/Qwen3-0.6B --task mc --file mmlu.csv --dtype bfloat16
 
 Each task prints a small table and writes eval_<task>.json beside the checkpoint.
 Three kinds of measurement, three kinds of trap:
@@ -427,10 +428,12 @@ def main(argv=None):
     ap.add_argument("--k", type=int, nargs="+", default=[1, 5])
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--limit", type=int, default=200, help="items per built-in task")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="bfloat16: half the memory (a Hugging Face model on a laptop)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE / "data"))  # the built-in tasks live in data/storyworld.py
     try:
-        model, tok, ckpt = load_run(args.ckpt)
+        model, tok, ckpt = load_run(args.ckpt, dtype=getattr(torch, args.dtype))
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         sys.exit(f"eval.py: cannot load {args.ckpt}: {e}")
     folder = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent

@@ -16,6 +16,7 @@ and real weights (05). A tiny model runs on a CPU in milliseconds:
     logits, loss = CausalLM(cfg)(idx, targets)   # idx, targets: (B, T) ids
 """
 
+import contextlib
 import json
 import math
 import os
@@ -447,7 +448,8 @@ class CausalLM(nn.Module):
             if cache is not None and cache.length == cache.max_len:
                 cache = None  # context full: fall back to a sliding window, uncached
             if cache is not None:
-                logits, _ = self(nxt[:, None], kv_cache=cache)  # decode: (B, 1) -> (B, 1, V)
+                with one_row_matmuls(self.lm_head.weight):
+                    logits, _ = self(nxt[:, None], kv_cache=cache)  # decode: (B, 1) -> (B, 1, V)
 
     def generate(self, idx, max_new_tokens, **kwargs):
         """(B, T) prompt -> (B, T + new) ids; keyword arguments as in stream()."""
@@ -580,6 +582,23 @@ class CausalLM(nn.Module):
 # The KV cache and sampling
 
 
+@contextlib.contextmanager
+def one_row_matmuls(weight):
+    """Matmul kernels for a decode step, where each weight matrix meets a single row.
+
+    subtle: for bf16 weights on a CPU, PyTorch's own kernel beats oneDNN's at one
+    row (1.5x on this course's Zen 5 CPU), while at the prompt's many rows oneDNN
+    is 7x faster. So a decode step switches oneDNN off, and back: the flag is global.
+    """
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = before and not (weight.device.type == "cpu" and
+                                                    weight.dtype == torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 class KVCache:
     """Keys and values of every layer for the positions seen so far, preallocated.
 
@@ -669,8 +688,9 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 #> L05 safetensors exercise
 def read_safetensors(path):
     """{name: tensor} from one .safetensors file, with errors that say what is wrong."""
-    with open(path, "rb") as f:
-        data = bytearray(f.read())  # writable, so torch.frombuffer can share it
+    data = bytearray(os.path.getsize(path))  # writable, so torch.frombuffer can share it
+    with open(path, "rb") as f:  # read into it: bytearray(f.read()) would briefly hold two copies
+        f.readinto(data)
     n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
     if not 0 < n <= len(data) - 8:
         raise ValueError(f"{path}: corrupt safetensors header (length {n}, file {len(data)} bytes)")
@@ -1081,13 +1101,17 @@ def shutdown(code):
 #> L09 load-run
 
 
-def load_run(path, device="cpu"):
+def load_run(path, device="cpu", dtype=None):
     """(model, tokenizer, checkpoint) from a run folder or a ckpt.pt, wherever it was
     copied: the checkpoint carries its tokenizer's state. Checkpoints written before
     that stored the tokenizer file's path instead, which still works while the file is
-    there."""
+    there. dtype: cast the weights (torch.bfloat16 halves memory for inference)."""
     from tokenizer import load_tokenizer  # only this helper needs it: model.py stays standalone
 
+    #> L10 hf-run
+    if is_hf_folder(path):  # a downloaded Hugging Face model: its folder is the checkpoint
+        return load_hf_run(path, device, dtype)
+    #< L10
     ckpt = load_checkpoint(Path(path) / "ckpt.pt" if Path(path).is_dir() else path, device)
     #> L14 lora-run
     if "lora" in ckpt:  # a LoRA run holds its adapter alone: rebuild its base, then attach
@@ -1095,7 +1119,7 @@ def load_run(path, device="cpu"):
         if not Path(ckpt["lora"]["base"]).exists():
             raise FileNotFoundError(f"{path} is a LoRA run: it holds only the adapter, and its base "
                                     f"checkpoint {ckpt['lora']['base']} is missing; copy the base there")
-        model, tok, _ = load_run(ckpt["lora"]["base"], device)
+        model, tok, _ = load_run(ckpt["lora"]["base"], device, dtype)
         return peft.attach_adapter(model, ckpt), tok, ckpt
     #< L14
     model, ckpt = CausalLM.from_checkpoint(path, device, ckpt)
@@ -1103,8 +1127,40 @@ def load_run(path, device="cpu"):
     if source is None or (isinstance(source, str) and not Path(source).exists()):
         raise FileNotFoundError(f"{path} has no tokenizer (an old checkpoint whose tokenizer file "
                                 f"{source} is gone): prepare the same dataset again, or retrain")
-    return model, load_tokenizer(source), ckpt
+    return model.to(dtype) if dtype else model, load_tokenizer(source), ckpt
 #< L09
+#> L10 hf-run
+
+
+def is_hf_folder(path):
+    """A Hugging Face model folder (config.json + weights), not one of our run folders."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").exists() and not (path / "ckpt.pt").exists()
+
+
+def load_hf_run(path, device="cpu", dtype=None):
+    """(model, tokenizer, checkpoint-like dict) from a Hugging Face folder: config.json,
+    *.safetensors, tokenizer.json and, for a chat model, its chat template.
+
+    The dict holds what our checkpoints hold for the stages that read them: the
+    model's config, the tokenizer's state (its chat format included, so a model
+    fine-tuned from here chats in Qwen3's or Llama 3's layout after reloading),
+    and "chat" when the folder ships a template (chat.py then opens a chat).
+    """
+    from tokenizer import BPETokenizer, hf_chat_template
+
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{path} has no tokenizer.json: download the model's whole folder "
+                                "(weights, config.json, tokenizer.json, tokenizer_config.json)")
+    model = CausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device)
+    tok = BPETokenizer.from_hf(path)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{path}: tokenizer.json has {tok.vocab_size} tokens, the model only "
+                         f"{model.cfg.vocab_size} embedding rows; the files are from different models")
+    chat = tok.chat_format is not None and bool(hf_chat_template(path))
+    return model, tok, {"model_config": dict(model.cfg.__dict__), "tokenizer": tok.state(), "chat": chat}
+#< L10
 #> L10 chat-plumbing
 
 
@@ -1144,17 +1200,19 @@ def chat_stream(model, tok, messages, max_new_tokens=32, temperature=0.0, top_k=
 
     Renders the conversation for completion (it ends with <|assistant_start|>)
     and stops at <|assistant_end|>: the end token the model was trained to
-    produce is what makes a chat model stop talking.
+    produce is what makes a chat model stop talking. (A real model's template,
+    tokenizer.CHAT_FORMATS, has its own: <|im_end|> for Qwen3, <|eot_id|> for Llama 3.)
     """
-    from tokenizer import decode_stream  # only the chat helpers need it: model.py stays standalone
+    from tokenizer import chat_end, decode_stream  # only the chat helpers need them
 
     ids, _ = tok.render_conversation(messages, for_completion=True)
-    end = tok.special_tokens["<|assistant_end|>"]
+    end = tok.special_tokens[chat_end(tok)]
     prompt = torch.tensor([ids], device=next(model.parameters()).device)
     tokens = model.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           eos_id=end, generator=generator)
-    # A base model never learned <|assistant_end|>; its end of a document ends the reply too.
-    return decode_stream(tok, tokens, stop_ids={end, tok.special_tokens.get("<|endoftext|>")})
+    # A base model never learned the end of a turn; its end of a document ends the reply too.
+    ends = {end} | {tok.special_tokens.get(t) for t in ("<|endoftext|>", "<|end_of_text|>")}
+    return decode_stream(tok, tokens, stop_ids=ends - {None})
 
 
 def chat_reply(model, tok, messages, max_new_tokens=32, temperature=0.0, generator=None):

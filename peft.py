@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CausalLM, hf_weight_map, preset, read_safetensors, write_safetensors
+from model import CausalLM, hf_weight_map, is_hf_folder, preset, read_safetensors, write_safetensors
 
 # -----------------------------------------------------------------------------
 # LoRA: a trainable low-rank update beside a frozen matrix
@@ -428,13 +428,21 @@ def load_adapter(model, path):
 
 
 def file_sha256(path):
+    """SHA-256 of a checkpoint file, or of a Hugging Face folder's config and weights."""
+    path = Path(path)
+    if path.is_dir():  # the folder's files that define the model, in a fixed order
+        digest = hashlib.sha256()
+        for file in [path / "config.json", *sorted(path.glob("*.safetensors"))]:
+            digest.update(file.name.encode() + bytes.fromhex(file_sha256(file)))
+        return digest.hexdigest()
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def checkpoint_file(path):
+    """What a LoRA run's base is: a ckpt.pt, or a Hugging Face folder as a whole."""
     path = Path(path)
-    return path / "ckpt.pt" if path.is_dir() else path
+    return path / "ckpt.pt" if path.is_dir() and not is_hf_folder(path) else path
 
 
 def apply_adapter(model, settings):

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import (check_resume, exact_match, get_lr, load_run, optimizer_step, progress_line,
                    resume_training, run_main, save_checkpoint, setup_device, setup_precision,
                    training_state)
-from tokenizer import CHAT_TOKENS, read_conversations
+from tokenizer import chat_tokens, read_conversations
 #> L14 import
 import peft
 #< L14
@@ -44,7 +44,7 @@ import peft
 # Config: every key a run can set (see config/sft.py)
 
 DEFAULTS = dict(
-    init="out/tiny",  # the base run folder (or ckpt.pt) to start from
+    init="out/tiny",  # the base run folder (or ckpt.pt, or a Hugging Face model folder) to start from
     data="data/sft/train.jsonl",  # chat JSONL (or Alpaca); made by `python data/prepare.py sft`
     val_data="data/sft/val.jsonl",  # held-out conversations for the validation loss
     eval_story="data/sft/eval_story.jsonl",  # held-out story questions, exact match
@@ -248,12 +248,14 @@ def evaluate(model, tok, cfg, log=print):
 
 def check_chat_tokens(tok, path):
     """A base model must have embedding rows for the template's tokens (lesson 10's
-    data/prepare.py reserves them); an older base run cannot be fine-tuned."""
-    missing = [t for t in CHAT_TOKENS if t not in getattr(tok, "special_tokens", {})]
+    data/prepare.py reserves them; a Hugging Face model's come with its tokenizer);
+    an older base run cannot be fine-tuned."""
+    missing = [t for t in chat_tokens(tok) if t not in getattr(tok, "special_tokens", {})]
     if missing:
         raise ValueError(f"the tokenizer of {path} lacks the chat tokens {missing}: it was built "
                          "before lesson 10. Rebuild the data and the base model: rm -r "
-                         "data/storyworld && python pretrain.py config/tiny.py")
+                         "data/storyworld && python pretrain.py config/tiny.py (a Hugging Face "
+                         "folder: a Qwen3 or Llama 3 model, whose chat template we implement)")
 
 
 def train(cfg):
@@ -270,7 +272,7 @@ def train(cfg):
     model, tok, ckpt = load_run(ckpt_path if cfg["resume"] else cfg["init"], device)
     check_chat_tokens(tok, cfg["init"])
     #> L14 lora
-    rows = {"chat": [tok.special_tokens[t] for t in CHAT_TOKENS], "all": list(range(tok.vocab_size)),
+    rows = {"chat": [tok.special_tokens[t] for t in chat_tokens(tok)], "all": list(range(tok.vocab_size)),
             "none": []}
     if cfg["lora_tokens"] not in rows:
         raise ValueError(f"lora_tokens={cfg['lora_tokens']!r}: choose one of {sorted(rows)}")

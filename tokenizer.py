@@ -296,6 +296,9 @@ class BPETokenizer:
         # normalisation of the text first (Qwen2/3), and a chunk that is itself a token
         # encodes as that token without merging (Llama 3's "ignore_merges", tiktoken's rule).
         self.nfc = self.ignore_merges = False
+        #> L10 real-templates
+        self.chat_format = None  # None: our template; {"name": "qwen3", ...}: a real model's (CHAT_FORMATS)
+        #< L10
         self._build()
 
     def _build(self):
@@ -500,6 +503,9 @@ class BPETokenizer:
         tok.special_names = sorted(tok.special_tokens, key=tok.special_tokens.get)
         tok.nfc = (data.get("normalizer") or {}).get("type") == "NFC"
         tok.ignore_merges = bool(model.get("ignore_merges"))
+        #> L10 real-templates
+        tok.chat_format = hf_chat_format(file.parent, tok)  # Qwen3's ChatML, Llama 3's headers, or None
+        #< L10
         tok._build()
         return tok
 
@@ -527,6 +533,8 @@ class BPETokenizer:
         Content is encoded with every special token disallowed: a user who
         types "<|user_end|>" gets an error, never a structure token.
         """
+        if self.chat_format:  # a real model's template instead (Qwen3, Llama 3)
+            return render_chat_format(self, messages, for_completion)
         if missing := [t for t in CHAT_TOKENS if t not in self.special_tokens]:
             raise ValueError(f"this tokenizer has no chat tokens {missing}: rebuild it with "
                              "`python data/prepare.py storyworld` (it reserves them) and pretrain again")
@@ -557,10 +565,15 @@ class BPETokenizer:
         """Plain lists, dicts, ints and strings: a JSON file's content, and also what a
         checkpoint stores, since torch.load(weights_only=True) accepts exactly these.
         Merges in learning order as [a, b, new_id]."""
-        return {"format": "intro2llm-bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
-                "byte_ids": self.byte_ids, "special_tokens": self.special_tokens,
-                "merges": [[a, b, i] for (a, b), i in self.merges.items()],
-                **{k: True for k in ("nfc", "ignore_merges") if getattr(self, k)}}
+        state = {"format": "intro2llm-bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
+                 "byte_ids": self.byte_ids, "special_tokens": self.special_tokens,
+                 "merges": [[a, b, i] for (a, b), i in self.merges.items()],
+                 **{k: True for k in ("nfc", "ignore_merges") if getattr(self, k)}}
+        #> L10 real-templates
+        if self.chat_format:  # a real model's template travels with every run made from it
+            state["chat_format"] = self.chat_format
+        #< L10
+        return state
 
     def save(self, path):
         """One readable JSON file."""
@@ -580,6 +593,9 @@ class BPETokenizer:
             tok.merges = {(a, b): i for a, b, i in data["merges"]}
             tok.special_tokens = dict(data["special_tokens"])
             tok.nfc, tok.ignore_merges = data.get("nfc", False), data.get("ignore_merges", False)
+            #> L10 real-templates
+            tok.chat_format = data.get("chat_format")
+            #< L10
             tok._build()
         except (KeyError, TypeError, ValueError, regex.error) as e:
             raise ValueError(f"{where} is damaged ({type(e).__name__}: {e}); "
@@ -720,6 +736,134 @@ def read_conversations(path, tok=None):
 #< L10
 
 
+#> L10 real-templates
+# -----------------------------------------------------------------------------
+# Real models' templates: the same conversation, written the way Qwen3 and Llama 3 were tuned
+#
+# A chat model only answers well in the exact layout it was fine-tuned on. Each
+# format below is the text around one turn; pieces written <like-this> are
+# special tokens (single ids), the rest is text, "{role}" the turn's role.
+#   ChatML (Qwen):  <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n
+#   Llama 3:        <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>...
+# Qwen3 adds a reasoning block, <think>\n...\n</think>\n\n, before a reply. Its
+# template writes an empty one before the last reply of a conversation, and, with
+# thinking switched off (enable_thinking=False), into the prompt: the model then
+# answers at once instead of reasoning first.
+CHAT_FORMATS = {
+    "chatml": {"begin": [], "start": ["<|im_start|>", "{role}\n"], "end": ["<|im_end|>", "\n"]},
+    "qwen3": {"begin": [], "start": ["<|im_start|>", "{role}\n"], "end": ["<|im_end|>", "\n"],
+              "think": ["<think>", "\n\n", "</think>", "\n\n"]},
+    "llama3": {"begin": ["<|begin_of_text|>"], "end": ["<|eot_id|>"], "strip": True,  # content trimmed
+               "start": ["<|start_header_id|>", "{role}", "<|end_header_id|>", "\n\n"]},
+}
+is_special = lambda piece: piece.startswith("<") and piece.endswith(">")  # in CHAT_FORMATS' lists
+
+
+def chat_tokens(tok):
+    """The special tokens the tokenizer's chat template writes: a base model needs
+    their embedding rows, and LoRA's lora_tokens="chat" trains exactly these."""
+    fmt = getattr(tok, "chat_format", None)
+    return format_tokens(fmt["name"]) if fmt else CHAT_TOKENS
+
+
+def format_tokens(name):
+    """The special tokens of CHAT_FORMATS[name], in the order they appear in it."""
+    fmt = CHAT_FORMATS[name]
+    return [p for key in ("begin", "start", "end", "think") for p in fmt.get(key, []) if is_special(p)]
+
+
+def chat_end(tok):
+    """The token that ends an assistant turn: a reply is over when the model says it."""
+    return CHAT_FORMATS[tok.chat_format["name"]]["end"][0] if getattr(tok, "chat_format", None) \
+        else "<|assistant_end|>"
+
+
+def render_chat_format(tok, messages, for_completion=False):
+    """render_conversation for a real model's format: (ids, mask), ids equal to
+    transformers' apply_chat_template(messages, add_generation_prompt=for_completion)
+    on that model's template, mask 1 on each reply and the end token after it.
+
+    The template is written as text first, then tokenized the way transformers
+    does: special tokens cut the text, each stretch between them is encoded as a
+    whole. subtle: encoding the pieces one by one could split differently where
+    a reply starts ("\\n\\n" of the header, then "\\nHi", may merge across), so a
+    token's mask is 1 when any of its bytes comes from the reply.
+    """
+    fmt = CHAT_FORMATS[tok.chat_format["name"]]
+    # Pieces (text, learn, special): the template's own, then each message's content.
+    struct = lambda parts, role="": [(p.format(role=role), 0, is_special(p)) for p in parts]
+    pieces, last = struct(fmt["begin"]), len(messages) - 1
+    for i in range(len(messages)):
+        role, content = _check_message(messages, i, for_completion)
+        try:  # content may not contain special-token text: it would become structure
+            tok.encode(content)
+        except ValueError as e:
+            raise ValueError(f"message {i} ({role}): {e}") from None
+        learn = int(role == "assistant")
+        pieces += struct(fmt["start"], role)
+        if learn and i == last and "think" in fmt:  # Qwen3: the last reply follows an empty thought
+            pieces += struct(fmt["think"])
+        content = content.strip() if fmt.get("strip") else content
+        # The reply and its end token are learned; the newline after the end is not (we stop there).
+        pieces += [(content, learn, False), (fmt["end"][0], learn, True)] + struct(fmt["end"][1:])
+    if for_completion:
+        pieces += struct(fmt["start"], "assistant")
+        if "think" in fmt and not tok.chat_format.get("thinking"):  # enable_thinking=False
+            pieces += struct(fmt["think"])
+    ids, mask, run = [], [], []  # run: the text pieces since the last special token
+    for text, learn, special in pieces + [(None, 0, True)]:  # None: flush the last run
+        if not special:
+            run.append((unicodedata.normalize("NFC", text) if tok.nfc else text, learn))
+            continue
+        # One bit per byte: does it belong to a learned piece? A token's mask is any of its bits.
+        flags = b"".join(bytes([learn]) * len(t.encode("utf-8")) for t, learn in run)
+        at = 0
+        for t in tok.encode_ordinary("".join(t for t, _ in run)):
+            ids.append(t)
+            mask.append(int(any(flags[at:at + len(tok.vocab[t])])))
+            at += len(tok.vocab[t])
+        run = []
+        if text is not None:
+            ids.append(tok.special_tokens[text])
+            mask.append(learn)
+    return ids, mask
+
+
+def hf_chat_format(folder, tok):
+    """The chat format of a Hugging Face model folder, or None (a base model: plain text).
+
+    Read from the template in tokenizer_config.json (or chat_template.jinja, where
+    newer transformers versions save it) by the tokens it writes, else from
+    config.json's model_type; None too when the tokenizer lacks the format's tokens.
+    """
+    folder = Path(folder)
+    template = hf_chat_template(folder)
+    kind = json.loads((folder / "config.json").read_text()).get("model_type") \
+        if (folder / "config.json").exists() else None
+    if "<|start_header_id|>" in template or not template and kind == "llama":
+        name = "llama3"
+    elif "<|im_start|>" in template:
+        name = "qwen3" if "<think>" in template else "chatml"
+    else:
+        name = {"qwen3": "qwen3", "qwen2": "chatml"}.get(kind)
+    if name is None or not set(format_tokens(name)) <= set(tok.special_tokens):
+        return None
+    return {"name": name, "thinking": False}  # thinking off: quick answers (chat.py /think toggles)
+
+
+def hf_chat_template(folder):
+    """The Jinja chat template a Hugging Face folder ships ("" if none)."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.exists() else None
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), "")
+    return template or ""
+#< L10
+
+
 #> L06 load-any
 def load_tokenizer(source):
     """A CharTokenizer or BPETokenizer, whichever `source` holds: a file path, or the
@@ -739,18 +883,25 @@ def decode_stream(tok, tokens, stop_ids=()):
     token's bytes may not decode alone. We decode everything so far and hold
     the text back while its tail is incomplete (U+FFFD), yielding only the new
     part. Stops at the first id in stop_ids (not yielded); a character still
-    incomplete at the end comes out as U+FFFD rather than vanishing.
+    incomplete at the end comes out as U+FFFD rather than vanishing. An id past
+    the vocabulary has no text and shows as nothing, as in `tokenizers`: Qwen3
+    pads its embedding to 151,936 rows for 151,669 tokens, and an untrained or
+    hot-sampled model can pick a padding row.
     >>> tok = BPETokenizer()  # bytes only: "é" is two tokens, 0xC3 0xA9
     >>> list(decode_stream(tok, [104, 0xC3, 0xA9, 33, 0, 104], stop_ids={0}))
     ['h', 'é', '!']
     >>> list(decode_stream(tok, [104, 0xC3]))
     ['h', '�']
+    >>> list(decode_stream(tok, [104, 300, 105]))
+    ['h', 'i']
     """
     new, shown = [], 0
     for t in tokens:
         t = int(t)  # a 0-d or one-element tensor from model.stream, or an int
         if t in stop_ids:
             break
+        if t >= tok.vocab_size:
+            continue
         new.append(t)
         text = tok.decode(new)
         if not text.endswith("\ufffd"):

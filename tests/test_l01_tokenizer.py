@@ -247,7 +247,8 @@ HF_TEXTS = [
 ]
 
 
-def hf_tokenizer(tmp_path, name, split=None, nfc=False, ignore_merges=False):
+def hf_tokenizer(tmp_path, name, split=None, nfc=False, ignore_merges=False,
+                 specials=("<|endoftext|>", "<|im_start|>")):
     """Train a byte-level BPE offline with the `tokenizers` library itself and save its
     tokenizer.json: GPT-2 style (ByteLevel's own regex) or with a Split regex (Qwen2)."""
     tk = pytest.importorskip("tokenizers", reason="tokenizers comes with transformers (requirements-dev.txt)")
@@ -258,7 +259,7 @@ def hf_tokenizer(tmp_path, name, split=None, nfc=False, ignore_merges=False):
     tok.decoder = tk.decoders.ByteLevel()  # printable characters back to bytes, as real files do
     if nfc:
         tok.normalizer = tk.normalizers.NFC()
-    trainer = tk.trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>"],
+    trainer = tk.trainers.BpeTrainer(vocab_size=600, special_tokens=list(specials),
                                      initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(HF_TEXTS * 20, trainer)
     path = tmp_path / f"{name}.json"

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from model import CausalLM, KVCache, ModelConfig, sample
+from model import CausalLM, KVCache, ModelConfig, one_row_matmuls, sample
 
 STYLES = {
     "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True),
@@ -88,4 +88,22 @@ def test_cache_memory_per_token():
     cfg = ModelConfig(vocab_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32)
     cache = KVCache(cfg, batch_size=1, max_len=10)
     assert cache.k.numel() + cache.v.numel() == 10 * 2 * 3 * 2 * 8
+
+
+def test_bf16_decode_kernels_switch_back():
+    """Decode steps in bf16 on a CPU turn oneDNN off (PyTorch's own kernel is faster for one
+    row): guards that the global flag only changes for bf16 and is back after each step,
+    even while a stream is paused between tokens or stopped early."""
+    assert torch.backends.mkldnn.enabled
+    for dtype, inside in ((torch.bfloat16, False), (torch.float32, True)):
+        with one_row_matmuls(torch.zeros(2, dtype=dtype)):
+            assert torch.backends.mkldnn.enabled == inside
+        assert torch.backends.mkldnn.enabled
+    model = make("qwen3").to(torch.bfloat16)
+    tokens = model.stream(torch.zeros(1, 4, dtype=torch.long), 5, temperature=0)
+    next(tokens), next(tokens), next(tokens)  # two decode steps done, the stream paused
+    assert torch.backends.mkldnn.enabled
+    tokens.close()
+    full = model.generate(torch.zeros(1, 4, dtype=torch.long), 5, temperature=0)
+    assert full.shape == (1, 9) and torch.backends.mkldnn.enabled
 #< L04

@@ -15,7 +15,7 @@ import torch
 
 import prepare
 import pretrain
-from model import load_checkpoint, save_checkpoint
+from model import load_checkpoint, save_checkpoint, sdpa_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,4 +190,19 @@ def test_ddp_two_processes_equal_one_with_double_accumulation(data_dir, tmp_path
     a, b = (load_checkpoint(tmp_path / d / "ckpt.pt")["model"] for d in ("ddp", "one"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_bf16_training_attention_runs_in_fp32():
+    """Under bf16 autocast on a CPU, attention with gradients runs on fp32 copies (its bf16
+    backward is ~4x slower there). Guards autocast quietly casting them back to bf16: the
+    output must be the fp32 result rounded once, and gradients must reach q, k and v."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa_attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.bfloat16(), atol=0, rtol=0)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
 #< L08

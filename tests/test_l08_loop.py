@@ -205,4 +205,23 @@ def test_cpu_bf16_training_attention_runs_in_fp32():
     torch.testing.assert_close(out, ref.bfloat16(), atol=0, rtol=0)
     out.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
+
+def test_compile_auto_falls_back_to_eager_with_one_line(monkeypatch):
+    """compile="auto" on a machine where torch.compile cannot run (no C++ compiler) must
+    train eagerly and say why in one line, not crash at the first step; True must not
+    hide the failure; anything else is a config error."""
+    model, lines = torch.nn.Linear(2, 2), []
+
+    def broken(fn, *a, **k):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(more)")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    assert pretrain.compile_model(model, "auto", torch.device("cpu"), lines.append) is model
+    assert len(lines) == 1 and "off" in lines[0] and "No working C++ compiler" in lines[0]
+    assert pretrain.compile_model(model, None, torch.device("cpu"), lines.append) is model
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+        pretrain.compile_model(model, True, torch.device("cpu"), lines.append)
+    with pytest.raises(ValueError, match="compile='yes'"):
+        pretrain.compile_model(model, "yes", torch.device("cpu"), lines.append)
 #< L08

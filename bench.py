@@ -148,6 +148,7 @@ def bench_peak():
 
 
 SECTIONS["peak"] = bench_peak
+# One training step of GPT-2 124M, run by bench_gpt2_step in a child process.
 GPT2_STEP = """
 import json, time, torch
 from contextlib import nullcontext

@@ -241,7 +241,11 @@ def per_iteration_ms(program, cwd, args, threads, skip=20):
     own per-iteration log, after the first `skip` iterations (warm-up, the first eval)."""
     import json
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    # subtle: OpenMP threads spin while they wait; on a 2-core machine that other jobs share,
+    # a second thread then waits for a core at every parallel op (~8 ms each, measured), and
+    # a step of hundreds of small ops takes seconds. PASSIVE makes waiting threads sleep.
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               OMP_WAIT_POLICY="PASSIVE")
     stdout = run_checked([sys.executable, program, *args], cwd, env)
     if program == "train.py":  # nanoGPT prints `iter 42: loss 2.4, time 48.51ms, mfu ...`
         rows = [line.split() for line in stdout.splitlines() if line.startswith("iter ")]
@@ -253,7 +257,7 @@ def per_iteration_ms(program, cwd, args, threads, skip=20):
     return statistics.median(t for i, t in ms.items() if i >= skip)
 
 
-def bench_train(nanogpt=None, iters=300, runs=3):
+def bench_train(nanogpt=None, iters=300, runs=3, threads=(1, 2)):
     """Training throughput on nanoGPT's CPU recipe for Tiny Shakespeare (4 layers, 4 heads,
     128 wide, context 64, batch 12): pretrain.py on config/shakespeare_char.py, and, given
     a nanoGPT checkout, its train.py with its README's CPU command, alternately, on the same
@@ -289,17 +293,16 @@ def bench_train(nanogpt=None, iters=300, runs=3):
                                                     f"--dtype={dtype}", f"--compile={compiled}", "--log_interval=1",
                                                     "--eval_interval=250", "--eval_iters=20"])
         # With 2 threads: only nanoGPT and ours as auto runs it, and a third of the iterations.
-        # subtle: on a busy 2-core machine a thread that waits for a core stalls every parallel
-        # op, so both programs can slow down many times over; hence "noisy".
-        for threads, n in ((1, iters), (2, iters // 3)):
-            chosen = {k: v for i, (k, v) in enumerate(variants.items()) if threads == 1 or i < 1 + bool(nanogpt)}
+        for n_threads in threads:
+            n = iters if n_threads == 1 else iters // 3
+            chosen = {k: v for i, (k, v) in enumerate(variants.items()) if n_threads == 1 or i < 1 + bool(nanogpt)}
             ms = {name: [] for name in chosen}
             for _ in range(runs):
                 for name, (program, cwd, args) in chosen.items():
                     shutil.rmtree(tmp / "out", ignore_errors=True)  # a fresh run: no log or checkpoint
-                    ms[name].append(per_iteration_ms(program, cwd, args + [f"--max_iters={n}"], threads))
-            noisy = "" if threads == 1 else "; noisy: 2 threads on a 2-core machine shared with other jobs"
-            print(f"training, nanoGPT's shakespeare_char CPU recipe, {threads} thread{'s' * (threads > 1)}, "
+                    ms[name].append(per_iteration_ms(program, cwd, args + [f"--max_iters={n}"], n_threads))
+            noisy = "" if n_threads == 1 else "; noisy: 2 threads on a 2-core machine shared with other jobs"
+            print(f"training, nanoGPT's shakespeare_char CPU recipe, {n_threads} thread{'s' * (n_threads > 1)}, "
                   f"{runs} alternating runs x {n} iterations, median ms/iteration after the first 20{noisy}")
             for name, times in ms.items():
                 t = statistics.median(times)

@@ -3,6 +3,7 @@ bench.py -- the performance table: measured numbers, never timed unit tests.
 
     python bench.py                 # every section
     python bench.py tokenizer       # one section
+    python bench.py train --vs-nanogpt ../nanoGPT   # beside a nanoGPT checkout, its CPU recipe
 
 Machines are shared and noisy, so each figure is the median of several runs,
 and two things that are compared are timed alternately. Reference figures
@@ -127,22 +128,66 @@ def bench_model():
         row(f"{name} ({model.num_params() / 1e6:.1f}M): train step {B}x{T}", f"{B * T / seconds:,.0f} tok/s")
 
 
+def matmul_peak(dtype_name, n=2048, repeats=5):
+    """This CPU core's matmul FLOP/s: one (n, n) @ (n, n) product, 2 n^3 FLOPs, on one
+    thread. The fastest of `repeats` runs: other jobs can only slow a run down, so the
+    best one is the closest to what the hardware can do."""
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = (torch.randn(n, n).to(getattr(torch, dtype_name)) for _ in range(2))
+    a @ b  # warm-up: oneDNN picks and caches its kernel on the first call
+    times = [timed(lambda: a @ b, 1)[0] for _ in range(repeats)]
+    return 2 * n ** 3 / min(times)
+
+
+def bench_peak():
+    print("matmul peak, one 2048 x 2048 product, CPU, 1 thread (best of 5)")
+    for name in ("float32", "bfloat16"):
+        row(name, f"{matmul_peak(name) / 1e9:.0f} GFLOP/s")
+
+
+SECTIONS["peak"] = bench_peak
+# One training step of GPT-2 124M, run by bench_gpt2_step in a child process.
+GPT2_STEP = """
+import json, time, torch
+from contextlib import nullcontext
+from model import CausalLM, preset
+torch.set_num_threads(1)
+torch.manual_seed(0)
+m = CausalLM(preset('gpt2')); opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+idx = torch.randint(0, 50257, (4, 257))
+ctx = torch.autocast('cpu', dtype=torch.bfloat16) if {bf16} else nullcontext()
+times = []
+for _ in range(2):  # the first step also allocates gradients and Adam's moments
+    t = time.perf_counter()
+    with ctx:
+        _, loss = m(idx[:, :-1], idx[:, 1:])
+    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - t)
+print(json.dumps([times[-1], m.flops_per_token(256), loss.item()]))
+"""
+
+
 def bench_gpt2_step():
-    """One AdamW step of the GPT-2 124M shape at batch 4 x 256, in a child process so
-    that its peak memory (ru_maxrss) is its own."""
+    """One AdamW step of the GPT-2 124M shape at batch 4 x 256 on one thread, fp32 and bf16
+    autocast, each in a child process (its peak memory, ru_maxrss, is its own); MFU
+    against this core's matmul peak in the same precision, measured first."""
+    import json
     import resource
     import subprocess
 
-    code = ("import time, torch; from model import CausalLM, preset\n"
-            "m = CausalLM(preset('gpt2')); opt = torch.optim.AdamW(m.parameters(), lr=1e-4)\n"
-            "idx = torch.randint(0, 50257, (4, 257)); t = time.time()\n"
-            "_, loss = m(idx[:, :-1], idx[:, 1:]); loss.backward(); opt.step()\n"
-            "print(f'{time.time() - t:.1f} {loss.item():.3f}')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).parent, check=True).stdout.split()
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
-    print("GPT-2 124M shape, CPU fp32, 2 threads")
-    row("train step 4x256 (fwd + bwd + AdamW)", f"{float(out[0]):.1f} s", "", f"peak RSS {peak:.1f} GiB, loss {out[1]}")
+    print("GPT-2 124M shape, train step 4 x 256 (fwd + bwd + AdamW), CPU, 1 thread")
+    for name, bf16 in (("float32", False), ("bfloat16", True)):
+        peak = matmul_peak(name)
+        out = subprocess.run([sys.executable, "-c", GPT2_STEP.format(bf16=bf16)], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, check=True).stdout
+        seconds, flops_per_token, loss = json.loads(out.splitlines()[-1])
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB, largest child
+        achieved = flops_per_token * 4 * 256 / seconds
+        row(f"{'fp32' if name == 'float32' else 'bf16 autocast'}", f"{seconds:.1f} s/step",
+            f"peak {peak / 1e9:.0f} GFLOP/s", f"{achieved / 1e9:.0f} GFLOP/s = MFU {achieved / peak:.0%}, "
+            f"loss {loss:.3f}, peak RSS so far {rss:.1f} GiB")
 
 
 def bench_decode():
@@ -181,48 +226,107 @@ def bench_decode():
 
 SECTIONS["model"], SECTIONS["gpt2step"], SECTIONS["decode"] = bench_model, bench_gpt2_step, bench_decode
 #< L05
-#> L07 bench-train
+#> L08 bench-train
 # -----------------------------------------------------------------------------
 # Training throughput (lessons 06-08)
 
 
-def bench_train():
-    """config/shakespeare_char.py's shape (4 x 128, context 64, batch 12, vocab 65): our
-    block (RoPE, RMSNorm, SwiGLU) against GPT-2's (learned positions, LayerNorm, GELU,
-    biases) in the same run, one thread each, alternating; a full optimizer step each."""
-    import torch
+NANOGPT_RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                  "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+                  "--n_embd=128", "--lr_decay_iters=2000", "--dropout=0.0"]  # its README's CPU line
 
-    from model import CausalLM, ModelConfig, clip_grad_norm
-    from pretrain import AdamW, param_groups
 
-    torch.set_num_threads(1)
-    print("training step, shakespeare_char shape, CPU, 1 thread, fp32")
-    steps = {}
-    for name, style in (("ours", {}), ("gpt2-style", dict(pos_emb="learned", norm="layernorm",
-                                                           mlp="gelu", bias=True))):
-        torch.manual_seed(0)
-        model = CausalLM(ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, **style))
-        opt = AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
-        x, y = torch.randint(0, 65, (2, 12, 64))
+def per_iteration_ms(program, cwd, args, threads, skip=20):
+    """Median milliseconds per iteration of one training run in a child process, from its
+    own per-iteration log, after the first `skip` iterations (warm-up, the first eval)."""
+    import json
 
-        def step(model=model, opt=opt, x=x, y=y):
-            _, loss = model(x, y)
-            loss.backward()
-            clip_grad_norm(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    # subtle: OpenMP threads spin while they wait; on a 2-core machine that other jobs share,
+    # a second thread then waits for a core at every parallel op (~8 ms each, measured), and
+    # a step of hundreds of small ops takes seconds. PASSIVE makes waiting threads sleep.
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               OMP_WAIT_POLICY="PASSIVE")
+    stdout = run_checked([sys.executable, program, *args], cwd, env)
+    if program == "train.py":  # nanoGPT prints `iter 42: loss 2.4, time 48.51ms, mfu ...`
+        rows = [line.split() for line in stdout.splitlines() if line.startswith("iter ")]
+        ms = {int(r[1].rstrip(":")): float(r[5].removesuffix("ms,")) for r in rows}
+    else:  # ours writes one JSON line per logged step to out_dir/log.jsonl
+        out_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--out_dir="))
+        logged = [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
+        ms = {r["step"]: r["ms_per_step"] for r in logged if "ms_per_step" in r}
+    return statistics.median(t for i, t in ms.items() if i >= skip)
 
-        step()
-        steps[name] = (step, model.num_params())
-    t_ours, t_gpt2 = alternate(lambda: [steps["ours"][0]() for _ in range(10)],
-                               lambda: [steps["gpt2-style"][0]() for _ in range(10)])
-    for name, t in (("ours", t_ours), ("gpt2-style", t_gpt2)):
-        row(f"{name} ({steps[name][1] / 1e6:.2f}M params)", f"{t * 100:.0f} ms/step",
-            "57 ms/step (nanoGPT ref)", f"{768 * 10 / t:,.0f} tok/s")
+
+def bench_train(nanogpt=None, iters=300, runs=3, threads=(1, 2)):
+    """Training throughput on nanoGPT's CPU recipe for Tiny Shakespeare (4 layers, 4 heads,
+    128 wide, context 64, batch 12): pretrain.py on config/shakespeare_char.py, and, given
+    a nanoGPT checkout, its train.py with its README's CPU command, alternately, on the same
+    text, `iters` iterations per run, each in a child process with OMP_NUM_THREADS set.
+    Everything runs in a temporary folder: nothing of nanoGPT enters this project."""
+    import shutil
+    import tempfile
+
+    text = SHARED / "data" / "tinyshakespeare.txt"
+    if not text.exists():
+        print(f"  skipped: {text} not found (the course's shared data folder)")
+        return
+    here = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        prepare = [sys.executable, str(here / "data" / "prepare.py"), "shakespeare_char", "--source", str(text),
+                   "--out", str(tmp / "data" / "shakespeare_char")]
+        run_checked(prepare, here)
+        variants = {}  # name -> (program, cwd, args); run in this order, round after round
+        if nanogpt:
+            theirs = tmp / "nanogpt"
+            shutil.copytree(nanogpt, theirs, ignore=shutil.ignore_patterns(".git", "out*", "*.bin", "*.pt"))
+            shutil.copy(text, theirs / "data" / "shakespeare_char" / "input.txt")  # its prepare.py reads it
+            run_checked([sys.executable, "data/shakespeare_char/prepare.py"], theirs)
+            variants["nanoGPT, fp32"] = ("train.py", theirs, NANOGPT_RECIPE + [f"--out_dir={tmp / 'out'}"])
+        # Ours: the precision auto picks here, fp32 as nanoGPT runs, and compiled, whose
+        # per-iteration figure leaves out the ~15-20 s it first spends compiling.
+        for name, dtype, compiled in (("ours, dtype=auto (bf16 autocast)", "auto", False),
+                                      ("ours, fp32", "float32", False),
+                                      ("ours, bf16 autocast + compile", "auto", "auto")):
+            variants[name] = ("pretrain.py", here, ["config/shakespeare_char.py", f"--data_dir={tmp / 'data'}",
+                                                    f"--out_dir={tmp / 'out'}",
+                                                    f"--dtype={dtype}", f"--compile={compiled}", "--log_interval=1",
+                                                    "--eval_interval=250", "--eval_iters=20"])
+        # With 2 threads: only nanoGPT and ours as auto runs it, and a third of the iterations.
+        for n_threads in threads:
+            n = iters if n_threads == 1 else iters // 3
+            chosen = {k: v for i, (k, v) in enumerate(variants.items()) if n_threads == 1 or i < 1 + bool(nanogpt)}
+            ms = {name: [] for name in chosen}
+            for _ in range(runs):
+                for name, (program, cwd, args) in chosen.items():
+                    shutil.rmtree(tmp / "out", ignore_errors=True)  # a fresh run: no log or checkpoint
+                    ms[name].append(per_iteration_ms(program, cwd, args + [f"--max_iters={n}"], n_threads))
+            noisy = "" if n_threads == 1 else "; noisy: 2 threads on a 2-core machine shared with other jobs"
+            print(f"training, nanoGPT's shakespeare_char CPU recipe, {n_threads} thread{'s' * (n_threads > 1)}, "
+                  f"{runs} alternating runs x {n} iterations, median ms/iteration after the first 20{noisy}")
+            for name, times in ms.items():
+                t = statistics.median(times)
+                note = ""
+                if nanogpt and "nanoGPT" not in name:
+                    ref = statistics.median(ms["nanoGPT, fp32"])
+                    note = f"tokens/s ours / nanoGPT's = {ref / t:.2f}"
+                row(name, f"{t:.1f} ms/iter", f"{12 * 64 / t * 1000:,.0f} tok/s",
+                    note + f"  (runs: {', '.join(f'{x:.1f}' for x in times)})")
+            sys.stdout.flush()
+
+
+def run_checked(cmd, cwd, env=None):
+    """stdout of a child process; if it fails, stop with the tail of what it printed."""
+    import subprocess
+
+    run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
+    return run.stdout
 
 
 SECTIONS["train"] = bench_train
-#< L07
+#< L08
 #> L10 bench-sft
 
 
@@ -400,9 +504,13 @@ SECTIONS["attention"] = bench_attention
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Print the performance table.")
     ap.add_argument("sections", nargs="*", help=f"any of: {', '.join(SECTIONS)} (default: all)")
-    chosen = ap.parse_args().sections or list(SECTIONS)
+    ap.add_argument("--vs-nanogpt", metavar="DIR", help="train: also time this nanoGPT checkout's train.py")
+    args = ap.parse_args()
+    chosen = args.sections or list(SECTIONS)
     if unknown := set(chosen) - set(SECTIONS):
         ap.error(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
+    if args.vs_nanogpt and not (Path(args.vs_nanogpt) / "train.py").exists():
+        ap.error(f"--vs-nanogpt {args.vs_nanogpt}: no train.py there; pass a nanoGPT checkout's folder")
     for name in chosen:
-        SECTIONS[name]()
+        SECTIONS[name](*([args.vs_nanogpt] if name == "train" else []))
         sys.stdout.flush()

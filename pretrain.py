@@ -71,7 +71,7 @@ DEFAULTS.update(
     grad_accum=1,  # micro-batches per optimizer step (per process)
     device="auto",  # auto: cuda > mps > cpu
     dtype="auto",  # auto: bf16 where native, fp16 on old GPUs, else fp32
-    compile=False,  # torch.compile the model (worth it on GPUs)
+    compile=None,  # True: torch.compile the model; "auto": only where it can run; None/False: not
     eval_interval=250,
     eval_iters=20,
     log_interval=25,
@@ -269,6 +269,29 @@ def build_model(cfg, meta):
     return ModelConfig(**{**PRESETS[cfg["model"]], **chosen, "vocab_size": meta["vocab_size"]})
 
 
+def compile_model(model, mode, device, log=print):
+    """torch.compile(model) if mode is True; with "auto" only after a probe compiles, else
+    the model unchanged and a one-line note; with None or False the model unchanged.
+
+    Compiling traces forward and backward into fused kernels: a slow first step (~20 s
+    on a CPU core), then elementwise chains (norms, SwiGLU, the optimizer's inputs) run as
+    one loop each. On a CPU, Inductor writes C++ and needs a compiler, which many laptops
+    lack; a one-line function finds that out in seconds, before the real model fails.
+    """
+    if mode not in (None, False, True, "auto"):
+        raise ValueError(f"compile={mode!r}: use True, False or 'auto'")
+    if mode == "auto":
+        try:
+            torch.compile(lambda t: t * 2 + 1)(torch.ones(4, device=device))
+        except Exception as e:  # no C++ compiler, a broken toolchain, an unsupported platform
+            log(f"compile: off, running eager ({type(e).__name__}: {str(e).strip().splitlines()[0][:100]})")
+            return model
+    if mode:
+        log("compile: on (the first step traces and compiles the model)")
+        return torch.compile(model)
+    return model
+
+
 @torch.no_grad()
 def estimate_loss(model, batches, iters, autocast):
     """Mean loss over the same `iters` batches every time, so evals compare."""
@@ -328,8 +351,7 @@ def train(cfg):
         step = resume_training(ckpt, model, optimizer)
         log(f"resumed from {ckpt_path} at step {step}")
     raw = model  # checkpoints store the plain module, not the compiled or DDP wrapper
-    if cfg["compile"]:  # traces the model into fused kernels: slow first step, faster after
-        model = torch.compile(model)
+    model = compile_model(model, cfg["compile"], device, log)
     if ddp:
         model = DDP(model, device_ids=[device] if device.type == "cuda" else None)
     train_batches = Batches(folder / "train.bin", mcfg.block_size, cfg["batch_size"], cfg["seed"], device)

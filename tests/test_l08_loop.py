@@ -15,7 +15,7 @@ import torch
 
 import prepare
 import pretrain
-from model import load_checkpoint, save_checkpoint
+from model import load_checkpoint, save_checkpoint, sdpa_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,4 +190,38 @@ def test_ddp_two_processes_equal_one_with_double_accumulation(data_dir, tmp_path
     a, b = (load_checkpoint(tmp_path / d / "ckpt.pt")["model"] for d in ("ddp", "one"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_bf16_training_attention_runs_in_fp32():
+    """Under bf16 autocast on a CPU, attention with gradients runs on fp32 copies (its bf16
+    backward is ~4x slower there). Guards autocast quietly casting them back to bf16: the
+    output must be the fp32 result rounded once, and gradients must reach q, k and v."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa_attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.bfloat16(), atol=0, rtol=0)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
+
+def test_compile_auto_falls_back_to_eager_with_one_line(monkeypatch):
+    """compile="auto" on a machine where torch.compile cannot run (no C++ compiler) must
+    train eagerly and say why in one line, not crash at the first step; True must not
+    hide the failure; anything else is a config error."""
+    model, lines = torch.nn.Linear(2, 2), []
+
+    def broken(fn, *a, **k):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(more)")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    assert pretrain.compile_model(model, "auto", torch.device("cpu"), lines.append) is model
+    assert len(lines) == 1 and "off" in lines[0] and "No working C++ compiler" in lines[0]
+    assert pretrain.compile_model(model, None, torch.device("cpu"), lines.append) is model
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+        pretrain.compile_model(model, True, torch.device("cpu"), lines.append)
+    with pytest.raises(ValueError, match="compile='yes'"):
+        pretrain.compile_model(model, "yes", torch.device("cpu"), lines.append)
 #< L08

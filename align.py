@@ -9,6 +9,7 @@ PPO, and GRPO, all starting from the SFT checkpoint of lesson 10.
     python align.py config/ppo.py        #            ... and PPO against a reward
     python align.py config/grpo.py       # lesson 13: GRPO with verifiable rewards
     python align.py config/dpo.py --beta=0.5 --resume   # any key can be overridden
+    python align.py config/dpo.py --lora_rank=8 --reference=lora   # lesson 14: an adapter
 
 The chapter in three parts, each a different answer to "which answer is better?".
 Lesson 11: a dataset of (chosen, rejected) answers and a loss that needs no
@@ -40,6 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import peft
 from model import (check_resume, exact_match, load_checkpoint, load_run, resume_training, run_main,
                    save_checkpoint, setup_device, setup_precision, training_state)
 from tokenizer import read_conversations
@@ -69,7 +71,7 @@ DEFAULTS = dict(
     loss_type="sigmoid",  # "sigmoid" (DPO), "ipo", "hinge"
     label_smoothing=0.0,  # conservative DPO: the probability that a label is flipped
     rpo_alpha=0.0,  # weight of an NLL term on the chosen answers (RPO); 0: plain DPO
-    reference="precompute",  # "precompute" the reference log-probs once, or keep a frozen "copy"
+    reference="precompute",  # "precompute" the reference log-probs once, keep a frozen "copy", or "lora" (lesson 14)
     data="data/dpo/train.jsonl",  # preference pairs (python data/prepare.py dpo)
     val_data="data/dpo/val.jsonl",  # held-out pairs, about held-out stories
     eval_pairs=300,  # held-out pairs for the preference accuracy
@@ -112,6 +114,13 @@ DEFAULTS.update(
     format_weight=0.1,
 )
 #< L13
+#> L14 align-config
+DEFAULTS.update(
+    lora_rank=0,  # > 0: train a LoRA adapter on the init model instead of every weight (lesson 14)
+    lora_alpha=16.0,
+    lora_targets="all-linear",
+)
+#< L14
 #> L11 align
 
 # -----------------------------------------------------------------------------
@@ -230,14 +239,25 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
 #                 once before training and stored: one forward per pair in
 #                 total, no second model. (Works for DPO's fixed pairs, not for
 #                 PPO/GRPO, whose samples are new each step.)
-# Lesson 14 adds a third: with LoRA the reference is the policy with its
-# adapters switched off (peft.lora_disabled), no copy at all.
+# Lesson 14 adds a third, "lora": when only a LoRA adapter trains, the policy
+# with its adapters switched off *is* the init model -- no copy, no precompute.
 
 
 def frozen_copy(model):
     """A copy of `model` that never trains: eval mode, no gradients."""
     ref = copy.deepcopy(model).eval()
     return ref.requires_grad_(False)
+
+
+def make_reference(policy, cfg, device):
+    """The reference model for cfg["reference"]: the init model, frozen."""
+    #> L14 reference
+    if cfg["reference"] == "lora":
+        if not cfg["lora_rank"]:
+            raise ValueError("reference='lora' is the policy with its adapters off: set lora_rank=8 too")
+        return AdaptersOff(policy)
+    #< L14
+    return frozen_copy(load_run(cfg["init"], device)[0])  # also when resuming: the policy has moved
 
 
 @torch.no_grad()
@@ -248,6 +268,23 @@ def reference_logprobs(ref, ids, mask):
     out = sequence_logprobs(ref, ids, mask)
     ref.train(training)
     return out
+#< L11
+#> L14 reference
+
+
+class AdaptersOff(nn.Module):
+    """The policy with every LoRA adapter switched off (peft.lora_disabled): the frozen
+    base it is fine-tuned from, sharing its weights -- the reference at no memory cost."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = [policy]  # a list: not a submodule, so .eval() here leaves the policy alone
+
+    def forward(self, *args, **kwargs):
+        with peft.lora_disabled(self.policy[0]):
+            return self.policy[0](*args, **kwargs)
+#< L14
+#> L11 align
 
 
 # -----------------------------------------------------------------------------
@@ -351,16 +388,15 @@ def setup_dpo(policy, tok, cfg, device, log):
     # One epoch of what the run will see: every pair is read (and its reference scored) once.
     train = read_preferences(cfg["data"], tok, policy.cfg.block_size, cfg["max_iters"] * cfg["batch_size"], log)
     val = read_preferences(cfg["val_data"], tok, policy.cfg.block_size, cfg["eval_pairs"], log)
-    # The reference is always the init model, also when resuming (the policy has moved).
-    ref = frozen_copy(load_run(cfg["init"], device)[0])
+    ref = make_reference(policy, cfg, device)
     ref_train = ref_val = None
     if cfg["reference"] == "precompute":
         t0 = time.time()
         ref_train, ref_val = (precompute_reference(ref, p, cfg["batch_size"], device) for p in (train, val))
         log(f"reference log-probs of {len(train) + len(val):,} pairs precomputed in {time.time() - t0:.1f}s")
         ref = None  # not needed any more: the memory of a second model is free again
-    elif cfg["reference"] != "copy":
-        raise ValueError(f"unknown reference {cfg['reference']!r}; choose precompute or copy")
+    elif cfg["reference"] not in ("copy", "lora"):
+        raise ValueError(f"unknown reference {cfg['reference']!r}; choose precompute, copy or lora")
 
     def ref_logps(pairs, idx, table):
         if table is not None:
@@ -761,7 +797,9 @@ def setup_rl(policy, tok, cfg, device, log):
     examples = read_prompts(cfg["prompts"], tok, cfg["task"])
     log(f"{cfg['prompts']}: {len(examples):,} {cfg['task']} prompts")
     eos_id = tok.special_tokens["<|assistant_end|>"]
-    ref = frozen_copy(load_run(cfg["init"], device)[0])  # the SFT model, also when resuming
+    if cfg["reference"] == "precompute":  # the default is DPO's; samples are new each step
+        cfg = {**cfg, "reference": "copy"}
+    ref = make_reference(policy, cfg, device)
 
     def batch(i):  # prompts of iteration i, and its sampling noise: a function of (seed, i)
         idx = batch_indices(len(examples), cfg["prompts_per_iter"], i, cfg["seed"])
@@ -969,6 +1007,16 @@ def train(cfg, log=print):
                                                            "eval_interval", "eval_examples", "device"})
     torch.manual_seed(cfg["seed"])
     policy, tok, _ = load_run(cfg["init"], device)
+    #> L14 lora
+    adapter = None
+    if cfg["lora_rank"]:  # only the adapter trains; the init model underneath stays as it was
+        if peft.lora_modules(policy):
+            raise ValueError(f"{cfg['init']} is a LoRA run; align from a full fine-tune, or train "
+                             "this run's adapter further with lora_rank=0")
+        lora = dict(r=cfg["lora_rank"], alpha=cfg["lora_alpha"], targets=cfg["lora_targets"], qlora=False)
+        peft.apply_adapter(policy, lora)  # A's init draws from the seed set above: reproducible
+        adapter = peft.adapter_checkpoint(policy, lora, cfg["init"])  # hashes the init once
+    #< L14
     policy.train()
     run = SETUPS[cfg["method"]](policy, tok, cfg, device, log)
     optimizer = torch.optim.AdamW(run.get("params", run["module"].parameters()), lr=cfg["lr"],
@@ -976,6 +1024,8 @@ def train(cfg, log=print):
     task = "story" if cfg["method"] == "dpo" else cfg["task"]
     step, before = 0, None
     if ckpt:
+        if adapter:  # the checkpoint holds the adapter alone: the rest is the init model's
+            ckpt["model"] = {**run["module"].state_dict(), **ckpt["model"]}
         step, before = resume_training(ckpt, run["module"], optimizer), ckpt["before"]
         for name, module in run.get("extra", {}).items():
             module.load_state_dict(ckpt[name])
@@ -998,9 +1048,11 @@ def train(cfg, log=print):
             extra = {name: m.state_dict() for name, m in run.get("extra", {}).items()}
             # chat: a policy (not the reward model) answers through the template, so chat.py
             # and eval.py open it in chat mode, as they do lesson 10's checkpoint.
-            save_checkpoint(out / "ckpt.pt", training_state(run["module"], optimizer, step, cfg, tok, before=before,
-                                                            chat=cfg["method"] != "reward",
-                                                            **extra, **run.get("checkpoint", {})))
+            state = training_state(run["module"], optimizer, step, cfg, tok, before=before,
+                                   chat=cfg["method"] != "reward", **extra, **run.get("checkpoint", {}))
+            if adapter and run["module"] is policy:  # a LoRA run: the A, B pairs and the init's hash
+                state.update(adapter, model=peft.lora_state_dict(policy))
+            save_checkpoint(out / "ckpt.pt", state)
 
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "log.jsonl", "a") if master else None

@@ -527,4 +527,52 @@ def test_lora_sft_resume_is_bit_identical(lora_base, tmp_path, monkeypatch, ctrl
 def test_qlora_needs_a_rank(lora_base, tmp_path):
     with pytest.raises(ValueError, match="lora_rank"):
         sft.train(sft_config(lora_base, tmp_path / "out", qlora=True))
+
+
+# -----------------------------------------------------------------------------
+# align.py with LoRA: the adapters switched off are the reference
+
+
+def test_dpo_with_lora_uses_the_adapters_off_as_its_reference(lora_base, tmp_path, ctrl_c_at, monkeypatch):
+    """Guards reference="lora": only the adapter trains, the reference the loss sees is
+    exactly the init model (a frozen copy gives the same log-probs after training), the
+    checkpoint holds the adapter and the init's hash, and a resumed run equals a straight one."""
+    import align
+
+    wrong = ["the lake", "Tom", "blue", "6"]
+    pairs = lora_base / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": c[:-1], "chosen": c[-1:], "rejected": [{**c[-1], "content": w}]}) + "\n"
+                             for c, w in zip(FACTS, wrong)))
+    cfg = lambda out, **kw: {**align.DEFAULTS, "init": str(lora_base / "base"), "out_dir": str(tmp_path / out),
+                             "data": str(pairs), "val_data": str(pairs), "eval_story": str(lora_base / "facts.jsonl"),
+                             "eval_examples": 4, "eval_pairs": 4, "batch_size": 4, "lr": 1e-2, "max_iters": 8,
+                             "log_interval": 4, "eval_interval": 4, "lora_rank": 4, "reference": "lora", **kw}
+    result = align.train(cfg("straight"), log=lambda *a: None)
+    assert result["after"]["pref_acc"] == 1.0  # the held-out pairs are the training pairs here
+    ckpt = load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    assert all(".lora_" in k for k in ckpt["model"])
+    assert ckpt["lora"]["base_sha256"] == P.file_sha256(lora_base / "base" / "ckpt.pt")
+    policy, tok, _ = sft.load_run(tmp_path / "straight")
+    init = sft.load_run(lora_base / "base")[0]
+    ids, mask = align.collate_pairs(align.read_preferences(pairs, tok, 48, log=lambda *a: None))
+    ref = align.sequence_logprobs(init, ids, mask)[0]
+    assert torch.allclose(align.sequence_logprobs(align.AdaptersOff(policy), ids, mask)[0], ref, atol=1e-5)
+    assert not torch.allclose(align.sequence_logprobs(policy, ids, mask)[0], ref, atol=1e-2)  # it learned
+    with pytest.raises(ValueError, match="lora_rank"):
+        align.train(cfg("bad", lora_rank=0), log=lambda *a: None)
+    calls = []
+    real = align.dpo_step
+
+    def interrupt(*a):  # Ctrl-C at the 6th call: the evaluation before, steps 1-4, the one at step 4
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(align, "dpo_step", interrupt)
+    assert align.train(cfg("split"), log=lambda *a: None)["step"] < 8
+    monkeypatch.undo()
+    align.train(cfg("split", resume=True), log=lambda *a: None)
+    b = load_checkpoint(tmp_path / "split" / "ckpt.pt")["model"]
+    assert ckpt["model"].keys() == b.keys() and all(torch.equal(ckpt["model"][k], b[k]) for k in b)
 #< L14

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import peft
 from model import (check_resume, exact_match, load_checkpoint, load_run, resume_training, run_main,
                    save_checkpoint, setup_device, setup_precision, training_state)
-from tokenizer import read_conversations
+from tokenizer import chat_end, read_conversations
 
 # -----------------------------------------------------------------------------
 # Config: every key a run can set, with its default. A config file or
@@ -796,7 +796,7 @@ def setup_rl(policy, tok, cfg, device, log):
     """What PPO and GRPO share: prompts of the task, the end token, the frozen reference."""
     examples = read_prompts(cfg["prompts"], tok, cfg["task"])
     log(f"{cfg['prompts']}: {len(examples):,} {cfg['task']} prompts")
-    eos_id = tok.special_tokens["<|assistant_end|>"]
+    eos_id = tok.special_tokens[chat_end(tok)]  # <|assistant_end|>, or a real model's end token
     if cfg["reference"] == "precompute":  # the default is DPO's; samples are new each step
         cfg = {**cfg, "reference": "copy"}
     ref = make_reference(policy, cfg, device)

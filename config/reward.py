@@ -6,8 +6,8 @@ init = "out/sft"
 out_dir = "out/reward"
 lr = 3e-4
 batch_size = 8
-max_iters = 150
+max_iters = 450  # 2.3 min: held-out pair accuracy 64% at 150 steps, 68% here
 log_interval = 10
-eval_interval = 50
+eval_interval = 150
 eval_pairs = 300
 #< L12

@@ -9,7 +9,6 @@ PPO, and GRPO, all starting from the SFT checkpoint of lesson 10.
     python align.py config/ppo.py        #            ... and PPO against a reward
     python align.py config/grpo.py       # lesson 13: GRPO with verifiable rewards
     python align.py config/dpo.py --beta=0.5 --resume   # any key can be overridden
-    python align.py config/dpo.py --lora_rank=8 --reference=lora   # lesson 14: an adapter
 
 The chapter in three parts, each a different answer to "which answer is better?".
 Lesson 11: a dataset of (chosen, rejected) answers and a loss that needs no
@@ -41,7 +40,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+#< L11
+#> L14 import
 import peft
+#< L14
+#> L11 align
 from model import (check_resume, exact_match, load_checkpoint, load_run, resume_training, run_main,
                    save_checkpoint, setup_device, setup_precision, training_state)
 from tokenizer import chat_end, read_conversations
@@ -71,7 +74,7 @@ DEFAULTS = dict(
     loss_type="sigmoid",  # "sigmoid" (DPO), "ipo", "hinge"
     label_smoothing=0.0,  # conservative DPO: the probability that a label is flipped
     rpo_alpha=0.0,  # weight of an NLL term on the chosen answers (RPO); 0: plain DPO
-    reference="precompute",  # "precompute" the reference log-probs once, keep a frozen "copy", or "lora" (lesson 14)
+    reference="precompute",  # "precompute" the reference log-probs once, or keep a frozen "copy"
     data="data/dpo/train.jsonl",  # preference pairs (python data/prepare.py dpo)
     val_data="data/dpo/val.jsonl",  # held-out pairs, about held-out stories
     eval_pairs=300,  # held-out pairs for the preference accuracy
@@ -239,8 +242,15 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
 #                 once before training and stored: one forward per pair in
 #                 total, no second model. (Works for DPO's fixed pairs, not for
 #                 PPO/GRPO, whose samples are new each step.)
-# Lesson 14 adds a third, "lora": when only a LoRA adapter trains, the policy
-# with its adapters switched off *is* the init model -- no copy, no precompute.
+REFERENCES = ["precompute", "copy"]
+#< L11
+#> L14 reference
+# Lesson 14 adds a third, "lora" (python align.py config/dpo.py --lora_rank=8
+# --reference=lora): when only a LoRA adapter trains, the policy with its
+# adapters switched off *is* the init model -- no copy, no precompute.
+REFERENCES.append("lora")
+#< L14
+#> L11 align
 
 
 def frozen_copy(model):
@@ -278,11 +288,17 @@ class AdaptersOff(nn.Module):
 
     def __init__(self, policy):
         super().__init__()
-        self.policy = [policy]  # a list: not a submodule, so .eval() here leaves the policy alone
+        self.policy = [policy]  # a list, not a submodule: the optimizer must not see it twice
 
     def forward(self, *args, **kwargs):
-        with peft.lora_disabled(self.policy[0]):
-            return self.policy[0](*args, **kwargs)
+        policy = self.policy[0]
+        training = policy.training
+        policy.eval()  # no dropout: the reference gives the same numbers every time
+        try:
+            with peft.lora_disabled(policy):
+                return policy(*args, **kwargs)
+        finally:
+            policy.train(training)
 #< L14
 #> L11 align
 
@@ -395,8 +411,8 @@ def setup_dpo(policy, tok, cfg, device, log):
         ref_train, ref_val = (precompute_reference(ref, p, cfg["batch_size"], device) for p in (train, val))
         log(f"reference log-probs of {len(train) + len(val):,} pairs precomputed in {time.time() - t0:.1f}s")
         ref = None  # not needed any more: the memory of a second model is free again
-    elif cfg["reference"] not in ("copy", "lora"):
-        raise ValueError(f"unknown reference {cfg['reference']!r}; choose precompute, copy or lora")
+    elif cfg["reference"] not in REFERENCES:
+        raise ValueError(f"unknown reference {cfg['reference']!r}; choose one of {', '.join(REFERENCES)}")
 
     def ref_logps(pairs, idx, table):
         if table is not None:
@@ -1010,6 +1026,9 @@ def train(cfg, log=print):
     #> L14 lora
     adapter = None
     if cfg["lora_rank"]:  # only the adapter trains; the init model underneath stays as it was
+        if cfg["method"] == "reward":
+            raise ValueError("lora_rank: the reward model trains every weight (its checkpoint is "
+                             "read as a plain model); use lora_rank=0")
         if peft.lora_modules(policy):
             raise ValueError(f"{cfg['init']} is a LoRA run; align from a full fine-tune, or train "
                              "this run's adapter further with lora_rank=0")
@@ -1024,8 +1043,13 @@ def train(cfg, log=print):
     task = "story" if cfg["method"] == "dpo" else cfg["task"]
     step, before = 0, None
     if ckpt:
+        #> L14 lora-resume
         if adapter:  # the checkpoint holds the adapter alone: the rest is the init model's
+            if ckpt["lora"]["base_sha256"] != adapter["lora"]["base_sha256"]:
+                raise ValueError(f"{cfg['init']} changed since this run began (SHA-256 differs): the "
+                                 "adapter would sit on another model; restore it or use another --out_dir")
             ckpt["model"] = {**run["module"].state_dict(), **ckpt["model"]}
+        #< L14
         step, before = resume_training(ckpt, run["module"], optimizer), ckpt["before"]
         for name, module in run.get("extra", {}).items():
             module.load_state_dict(ckpt[name])
@@ -1050,8 +1074,10 @@ def train(cfg, log=print):
             # and eval.py open it in chat mode, as they do lesson 10's checkpoint.
             state = training_state(run["module"], optimizer, step, cfg, tok, before=before,
                                    chat=cfg["method"] != "reward", **extra, **run.get("checkpoint", {}))
-            if adapter and run["module"] is policy:  # a LoRA run: the A, B pairs and the init's hash
+            #> L14 lora-checkpoint
+            if adapter:  # a LoRA run: the A, B pairs and the init's hash
                 state.update(adapter, model=peft.lora_state_dict(policy))
+            #< L14
             save_checkpoint(out / "ckpt.pt", state)
 
     out.mkdir(parents=True, exist_ok=True)

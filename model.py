@@ -456,7 +456,7 @@ class CausalLM(nn.Module):
             if cache is not None and cache.length == cache.max_len:
                 cache = None  # context full: fall back to a sliding window, uncached
             if cache is not None:
-                with one_row_matmuls(self.lm_head.weight):
+                with one_row_matmuls(self.lm_head.weight, nxt.size(0)):
                     logits, _ = self(nxt[:, None], kv_cache=cache)  # decode: (B, 1) -> (B, 1, V)
 
     def generate(self, idx, max_new_tokens, **kwargs):
@@ -585,26 +585,30 @@ class CausalLM(nn.Module):
 #< L03
 
 
-#> L04 cache-and-sampling exercise
+#> L04 one-row
 # -----------------------------------------------------------------------------
 # The KV cache and sampling
 
 
 @contextlib.contextmanager
-def one_row_matmuls(weight):
-    """Matmul kernels for a decode step, where each weight matrix meets a single row.
+def one_row_matmuls(weight, rows):
+    """Matmul kernels for a decode step of `rows` sequences (each weight matrix meets
+    `rows` rows).
 
     subtle: for bf16 weights on a CPU, PyTorch's own kernel beats oneDNN's at one
     row (1.5x on this course's Zen 5 CPU), while at the prompt's many rows oneDNN
-    is 7x faster. So a decode step switches oneDNN off, and back: the flag is global.
+    is 7x faster. So a one-row decode step switches oneDNN off, and back: the flag
+    is global. Batched decoding (several rows) was not measured, so it keeps oneDNN.
     """
     before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = before and not (weight.device.type == "cpu" and
+    torch.backends.mkldnn.enabled = before and not (rows == 1 and weight.device.type == "cpu" and
                                                     weight.dtype == torch.bfloat16)
     try:
         yield
     finally:
         torch.backends.mkldnn.enabled = before
+#< L04
+#> L04 cache-and-sampling exercise
 
 
 class KVCache:

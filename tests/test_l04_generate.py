@@ -92,11 +92,12 @@ def test_cache_memory_per_token():
 
 def test_bf16_decode_kernels_switch_back():
     """Decode steps in bf16 on a CPU turn oneDNN off (PyTorch's own kernel is faster for one
-    row): guards that the global flag only changes for bf16 and is back after each step,
-    even while a stream is paused between tokens or stopped early."""
+    row): guards that the global flag only changes for bf16 and one row, and is back after
+    each step, even while a stream is paused between tokens or stopped early."""
     assert torch.backends.mkldnn.enabled
-    for dtype, inside in ((torch.bfloat16, False), (torch.float32, True)):
-        with one_row_matmuls(torch.zeros(2, dtype=dtype)):
+    cases = ((torch.bfloat16, 1, False), (torch.float32, 1, True), (torch.bfloat16, 8, True))
+    for dtype, rows, inside in cases:
+        with one_row_matmuls(torch.zeros(2, dtype=dtype), rows):
             assert torch.backends.mkldnn.enabled == inside
         assert torch.backends.mkldnn.enabled
     model = make("qwen3").to(torch.bfloat16)

@@ -130,8 +130,12 @@ def test_checkpoints_are_atomic_and_loaded_safely(tmp_path, monkeypatch):
 
 
 def run(args, **kw):
+    # subtle: a shell without job control starts background jobs (`cmd &`) with SIGINT
+    # ignored, children inherit that, and Python then installs no Ctrl-C handler at all:
+    # the test's Ctrl-C would be lost. The child gets the default disposition back.
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def cli_args(data_dir, out, *extra):
@@ -155,7 +159,11 @@ def test_ctrl_c_saves_and_kill_9_resumes(data_dir, tmp_path):
     proc = run(cli_args(data_dir, tmp_path / "c", "--max_iters=100000", "--eval_interval=100000"))
     wait_for(tmp_path / "c" / "log.jsonl")
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # say what the run was doing, and leave no process behind
+        proc.kill()
+        pytest.fail("no exit 60 s after Ctrl-C; the run's last output:\n" + proc.communicate()[0][-1500:])
     assert proc.returncode == 0 and "interrupted at step" in out
     assert load_checkpoint(tmp_path / "c" / "ckpt.pt")["step"] > 0
     proc = run(cli_args(data_dir, tmp_path / "k", "--max_iters=100000", "--eval_interval=5"))

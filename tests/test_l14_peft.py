@@ -533,7 +533,7 @@ def test_qlora_needs_a_rank(lora_base, tmp_path):
 # align.py with LoRA: the adapters switched off are the reference
 
 
-def test_dpo_with_lora_uses_the_adapters_off_as_its_reference(lora_base, tmp_path, ctrl_c_at, monkeypatch):
+def test_dpo_with_lora_uses_the_adapters_off_as_its_reference(lora_base, tmp_path, monkeypatch):
     """Guards reference="lora": only the adapter trains, the reference the loss sees is
     exactly the init model (a frozen copy gives the same log-probs after training), the
     checkpoint holds the adapter and the init's hash, and a resumed run equals a straight one."""
@@ -560,6 +560,8 @@ def test_dpo_with_lora_uses_the_adapters_off_as_its_reference(lora_base, tmp_pat
     assert not torch.allclose(align.sequence_logprobs(policy, ids, mask)[0], ref, atol=1e-2)  # it learned
     with pytest.raises(ValueError, match="lora_rank"):
         align.train(cfg("bad", lora_rank=0), log=lambda *a: None)
+    with pytest.raises(ValueError, match="reward model trains every weight"):  # its loader wants a plain model
+        align.train(cfg("rm", method="reward", reference="copy"), log=lambda *a: None)
     calls = []
     real = align.dpo_step
 
@@ -575,4 +577,20 @@ def test_dpo_with_lora_uses_the_adapters_off_as_its_reference(lora_base, tmp_pat
     align.train(cfg("split", resume=True), log=lambda *a: None)
     b = load_checkpoint(tmp_path / "split" / "ckpt.pt")["model"]
     assert ckpt["model"].keys() == b.keys() and all(torch.equal(ckpt["model"][k], b[k]) for k in b)
+
+
+def test_adapters_off_is_the_base_in_eval_mode():
+    """Guards the LoRA reference: with dropout on and the policy training, AdaptersOff gives
+    the base model's eval-mode logits every time, and leaves the policy in training mode."""
+    import align
+
+    model = tiny_model(dropout=0.5)
+    base = tiny_model(dropout=0.5)
+    P.apply_lora(model, 4, 8)
+    randomize_lora(model)
+    model.train()
+    ref = align.AdaptersOff(model)
+    a, b = ref(IDX)[0], ref(IDX)[0]
+    assert torch.equal(a, b) and torch.allclose(a, base(IDX)[0], atol=1e-6)
+    assert model.training and not torch.allclose(model.eval()(IDX)[0], a, atol=1e-3)
 #< L14

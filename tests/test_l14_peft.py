@@ -19,6 +19,7 @@ import peft as P
 import sft
 from model import CausalLM, ModelConfig, exact_match, load_checkpoint, save_checkpoint
 from test_l10_sft import FACTS, base, sft_config  # noqa: F401 (base is a fixture)
+from test_l11_dpo import run_cfg, tiny_run  # noqa: F401 (tiny_run is a fixture)
 
 
 def installed(name):
@@ -593,4 +594,22 @@ def test_adapters_off_is_the_base_in_eval_mode():
     a, b = ref(IDX)[0], ref(IDX)[0]
     assert torch.equal(a, b) and torch.allclose(a, base(IDX)[0], atol=1e-6)
     assert model.training and not torch.allclose(model.eval()(IDX)[0], a, atol=1e-3)
+
+
+def test_grpo_and_ppo_with_lora_train_only_the_adapter(tiny_run, tmp_path):
+    """Guards RL with lora_rank: both loops run with the adapters-off reference, the first
+    iteration's KL to it is exactly 0 (B starts at 0, so the policy *is* its reference), and
+    the checkpoint holds the adapter alone. (That the reference stays the init model while the
+    adapter moves is test_dpo_with_lora_uses_the_adapters_off_as_its_reference's job.)"""
+    import align
+
+    root, _ = tiny_run
+    for method in ("grpo", "ppo"):
+        out = tmp_path / method
+        cfg = run_cfg(root, out, method=method, prompts=str(root / "eval.jsonl"), task="story", max_iters=2,
+                      log_interval=1, prompts_per_iter=2, samples_per_prompt=4, max_new_tokens=4,
+                      minibatch_size=4, lora_rank=4, reference="lora")
+        assert align.train(cfg, log=lambda *a: None)["step"] == 2
+        assert [json.loads(line) for line in open(out / "log.jsonl")][0]["kl"] == 0.0
+        assert all(".lora_" in k for k in load_checkpoint(out / "ckpt.pt")["model"])
 #< L14

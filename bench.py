@@ -134,10 +134,14 @@ def matmul_peak(dtype_name, n=2048, repeats=5):
     best one is the closest to what the hardware can do."""
     import torch
 
-    torch.set_num_threads(1)
-    a, b = (torch.randn(n, n).to(getattr(torch, dtype_name)) for _ in range(2))
-    a @ b  # warm-up: oneDNN picks and caches its kernel on the first call
-    times = [timed(lambda: a @ b, 1)[0] for _ in range(repeats)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # and back after: the sections run after this one keep theirs
+    try:
+        a, b = (torch.randn(n, n).to(getattr(torch, dtype_name)) for _ in range(2))
+        a @ b  # warm-up: oneDNN picks and caches its kernel on the first call
+        times = [timed(lambda: a @ b, 1)[0] for _ in range(repeats)]
+    finally:
+        torch.set_num_threads(threads)
     return 2 * n ** 3 / min(times)
 
 

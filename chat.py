@@ -22,7 +22,10 @@ from tokenizer import decode_stream
 
 def stream_text(model, tok, ids, settings, generator):
     """Yield text pieces of the continuation of `ids` as tokens arrive."""
+    # A base model was trained on documents ending in <|endoftext|>: when it writes one, the
+    # story is over and so is the reply (a character tokenizer has no such token: None).
     eot = getattr(tok, "special_tokens", {}).get("<|endoftext|>")
+    # Positions past block_size were never trained: keep only the newest block_size tokens.
     tokens = model.stream(torch.tensor([ids[-model.cfg.block_size:]]), settings["len"],
                           temperature=settings["temp"], top_k=settings["topk"],
                           top_p=settings["topp"], eos_id=eot, generator=generator)
@@ -32,6 +35,7 @@ def stream_text(model, tok, ids, settings, generator):
 def command(line, settings, chat=None):
     """Apply a /command to settings (and, in chat mode, to the chat); returns the message to print."""
     name, _, value = line[1:].partition(" ")
+    # Each sampling setting and the type its value must parse as; "/topk" alone turns it off.
     keys = {"temp": float, "topk": int, "topp": float, "len": int}
     #> L10 chat-mode
     if chat is not None and name in ("system", "history", "reset"):
@@ -73,6 +77,8 @@ def fit_context(tok, chat, block_size, room):
         raise ValueError(f"that message is {len(alone)} tokens; with {room} for the reply the "
                          f"model's context of {block_size} cannot hold it")
     while len(tok.render_conversation(system + chat["history"], for_completion=True)[0]) + room > block_size:
+        # subtle: two messages at a time, a question and its answer, so that the history
+        # still starts with a user turn and alternates, as render_conversation demands.
         chat["history"] = chat["history"][2:]
         print(f"(dropped the oldest turn to fit the {block_size}-token context)", flush=True)
     return system + chat["history"]
@@ -109,6 +115,7 @@ def chat_loop(model, tok, settings, generator, interactive):
             continue
         if not line.strip():
             continue
+        # One line is one turn, so a typed "\\n" stands for a line break (a story's paragraphs).
         chat["history"].append({"role": "user", "content": line.replace("\\n", "\n")})
         room = min(settings["len"], model.cfg.block_size // 4)  # tokens kept free for the reply
         try:
@@ -140,6 +147,8 @@ def main(argv=None):
     ap.add_argument("--think", action="store_true", help="Qwen3: let it reason (<think>) before answering")
     #< L10
     args = ap.parse_args(argv)
+    # Decoding one token reads every weight once, so its speed is set by memory traffic:
+    # bf16 weights halve the bytes per token (and the RAM a 0.6B model needs).
     try:
         model, tok, ckpt = load_run(args.ckpt, dtype=getattr(torch, args.dtype))
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
@@ -173,6 +182,7 @@ def main(argv=None):
             continue
         if not line.strip():
             continue
+        # Completion mode keeps no history: every line is a fresh prompt, continued alone.
         try:
             ids = tok.encode(line)
         except ValueError as e:  # a character tokenizer meets a character it never saw

@@ -261,6 +261,8 @@ def frozen_copy(model):
 
 def make_reference(policy, cfg, device):
     """The reference model for cfg["reference"]: the init model, frozen."""
+    if cfg["reference"] not in REFERENCES:
+        raise ValueError(f"unknown reference {cfg['reference']!r}; choose one of {', '.join(REFERENCES)}")
     #> L14 reference
     if cfg["reference"] == "lora":
         if not cfg["lora_rank"]:
@@ -411,8 +413,6 @@ def setup_dpo(policy, tok, cfg, device, log):
         ref_train, ref_val = (precompute_reference(ref, p, cfg["batch_size"], device) for p in (train, val))
         log(f"reference log-probs of {len(train) + len(val):,} pairs precomputed in {time.time() - t0:.1f}s")
         ref = None  # not needed any more: the memory of a second model is free again
-    elif cfg["reference"] not in REFERENCES:
-        raise ValueError(f"unknown reference {cfg['reference']!r}; choose one of {', '.join(REFERENCES)}")
 
     def ref_logps(pairs, idx, table):
         if table is not None:

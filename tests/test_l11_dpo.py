@@ -78,13 +78,15 @@ def test_gradient_at_the_reference_is_plus_minus_half_beta():
 
 
 def test_bad_loss_options_are_rejected():
-    """An unknown loss_type, or label smoothing where it means nothing, fails loudly instead of
-    silently training plain DPO."""
+    """An unknown loss_type or reference, or label smoothing where it means nothing, fails
+    loudly instead of silently training plain DPO (or against a frozen copy)."""
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="loss_type"):
         align.dpo_loss(x, x, x, x, loss_type="kto")
     with pytest.raises(ValueError, match="label_smoothing"):
         align.dpo_loss(x, x, x, x, loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="unknown reference 'bogus'; choose one of precompute, copy"):
+        align.make_reference(None, {**align.DEFAULTS, "reference": "bogus"}, "cpu")  # DPO, PPO, GRPO alike
 
 
 def test_sequence_logprobs_equals_a_per_token_loop():

@@ -228,14 +228,35 @@ def val_loss(model, batches, iters, autocast):
     return total / count
 
 
+def by_question(examples, right):
+    """[right, total] per kind of question, the kind being the first two words of the
+    question ("Where did", "Who had"; a leading "Question: " skipped).
+
+    One accuracy hides what SFT learned: each kind of story question needs its own
+    lookup in the story, and a run forms some of them and not others (lessons.md,
+    lesson 10: 43% and 84% are different sets of lookups, not a uniformly better model).
+    >>> q = lambda text: [{"role": "user", "content": text}, {"role": "assistant", "content": "x"}]
+    >>> by_question([q("Question: Who had it?\\nA story."), q("Who had the cup?")], right=[])
+    {'Who had': [0, 2]}
+    """
+    counts = {}
+    for chat in examples:
+        question = chat[-2]["content"].split("\n", 1)[0].removeprefix("Question: ")
+        tally = counts.setdefault(" ".join(question.split()[:2]), [0, 0])
+        tally[0] += chat in right
+        tally[1] += 1
+    return counts
+
+
 def evaluate(model, tok, cfg, log=print):
     """Exact match on held-out story questions and unseen arithmetic, greedy, with the
-    Wilson 95% interval. Returns {task: {accuracy, ci_low, ci_high, n}}."""
+    Wilson 95% interval. Returns {task: {accuracy, ci_low, ci_high, n, by_question}}."""
     results = {}
     for task in ("story", "arith"):
         examples = read_conversations(cfg[f"eval_{task}"])[:cfg["eval_n"]]
         r = exact_match(model, tok, examples)
         results[task] = {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
+        results[task]["by_question"] = by_question(examples, r["right"])
         example = ""
         for chat, reply in zip(examples, r["replies"]):
             if chat in r["wrong"]:  # one wrong answer shows what is still missing
@@ -244,6 +265,9 @@ def evaluate(model, tok, cfg, log=print):
                 break
         log(f"exact match {task}: {r['accuracy']:.1%} (95% CI {r['ci_low']:.1%}-{r['ci_high']:.1%}, "
             f"n={r['n']}){example}")
+        if len(results[task]["by_question"]) > 1:  # the sums are one kind
+            log("  by question: " + ", ".join(f"{kind} {right}/{n}" for kind, (right, n)
+                                              in results[task]["by_question"].items()))
     model.train()
     return results
 

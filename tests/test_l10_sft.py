@@ -252,6 +252,18 @@ def test_sft_overfits_a_handful_of_conversations(base, tuned):
     assert exact_match(model, tok, FACTS)["replies"] == ["the park", "Mia", "red", "5"]
 
 
+def test_exact_match_is_told_per_kind_of_question(base, tuned):
+    """eval.json counts [right, total] by the question's first two words: none right
+    before, all after; the first line of a "Question: ...\\n<story>" turn is the question."""
+    out, result = tuned
+    before = json.loads((out / "eval.json").read_text())["before"]["story"]["by_question"]
+    assert before == {"Where is": [0, 1], "Who has": [0, 1], "What colour": [0, 1], "What is": [0, 1]}
+    assert result["eval"]["story"]["by_question"] == {k: [1, 1] for k in before}
+    story = [user("Question: Where is Tom?\nTom went to the park."), assistant("the park")]
+    assert sft.by_question([story, FACTS[0], FACTS[3]], right=[FACTS[3]]) == {"Where is": [0, 2],
+                                                                               "What is": [1, 1]}
+
+
 def test_eval_py_asks_a_chat_model_through_the_template(base, tuned, capsys):
     """eval.py on a chat checkpoint: exact match via the template, with its interval."""
     out, _ = tuned

@@ -147,8 +147,8 @@ def cross_entropy(logits, targets, ignore_index=-1):
     softmax turns logits z into probabilities p_i = e^{z_i} / sum_j e^{z_j}, so
     -log p_target = logsumexp(z) - z_target. logsumexp subtracts max(z) first:
     e^{z} of large logits would overflow. logits (N, V), targets (N,).
-    >>> cross_entropy(torch.zeros(1, 4), torch.tensor([2])).item() == math.log(4)
-    True
+    >>> round(cross_entropy(torch.zeros(1, 4), torch.tensor([2])).item(), 4)  # uniform: ln 4
+    1.3863
     """
     keep = targets != ignore_index
     z, t = logits[keep].float(), targets[keep]

@@ -14,6 +14,21 @@ sys.path.insert(0, str(ROOT / "data"))  # `import storyworld, prepare`
 SHARED = Path(os.environ.get("INTRO2LLM_SHARED", ROOT.parent / "shared"))
 
 
+def run_doctests(*objects):
+    """Run the >>> examples in the docstrings of these functions and classes (not their
+    methods) in their module's namespace; fail with doctest's report. Each lesson's tests
+    call it for the examples its lesson wrote, so a wrong example fails that lesson."""
+    import doctest
+    finder, runner = doctest.DocTestFinder(recurse=False), doctest.DocTestRunner()
+    report = []
+    for obj in objects:
+        tests = finder.find(obj, globs=dict(vars(sys.modules[obj.__module__])))
+        assert any(t.examples for t in tests), f"{obj.__qualname__} has no >>> examples"
+        for test in tests:
+            runner.run(test, out=report.append)
+    assert runner.failures == 0, "".join(report)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end checks (.ci/run still runs them)")
 

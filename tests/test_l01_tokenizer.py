@@ -11,6 +11,8 @@ import torch
 import tokenizer as T
 from model import TokenEmbedding
 
+from conftest import run_doctests
+
 SAMPLES = [
     "",
     "hello world",
@@ -233,6 +235,12 @@ def test_token_embedding_shape_and_gradient_flow():
     assert (emb.weight.grad[~used] == 0).all()
     torch.testing.assert_close(emb.weight.grad[2], torch.full((8,), 2.0))  # token 2 used twice
     assert abs(emb.weight.std().item() - 0.02) < 0.01
+
+def test_docstring_examples():
+    """The >>> examples lesson 01 wrote run as printed (CI runs no --doctest-modules)."""
+    run_doctests(T.CharTokenizer, T.count_pairs, T.merge, T.byte_to_unicode, T.BPETokenizer.split,
+                 TokenEmbedding)
+
 #< L01
 
 

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from model import (apply_rope, causal_mask, merge_heads, naive_attention, repeat_kv,
                    rope_cos_sin, sdpa_attention, sinusoidal_positions, split_heads)
 
+from conftest import run_doctests
+
 
 def qkv(B=2, nh=4, nkv=4, Tq=16, Tk=16, hs=8, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -90,4 +92,9 @@ def test_split_and_merge_heads_roundtrip():
     torch.testing.assert_close(h[1, 2, 4], x[1, 4, 8:12])  # head 2 owns channels 8..11
     torch.testing.assert_close(merge_heads(h), x)
     assert repeat_kv(h, 2).shape == (2, 6, 5, 4) and torch.equal(repeat_kv(h, 2)[:, 1], h[:, 0])
+
+def test_docstring_examples():
+    """The >>> examples lesson 02 wrote run as printed."""
+    run_doctests(causal_mask)
+
 #< L02

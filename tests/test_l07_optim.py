@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from model import clip_grad_norm, get_lr
 from pretrain import AdamW, Lion, cross_entropy, param_groups
 
+from conftest import run_doctests
+
 
 def test_cross_entropy_matches_torch_with_ignore_index():
     torch.manual_seed(0)
@@ -87,4 +89,9 @@ def test_clip_grad_norm_matches_torch():
     assert norm > 0.5  # it was clipped...
     total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert total == pytest.approx(0.5, rel=1e-4)  # ...to 0.5
+
+def test_docstring_examples():
+    """The >>> examples lesson 07 wrote run as printed."""
+    run_doctests(cross_entropy)
+
 #< L07

@@ -17,7 +17,9 @@ import eval as E
 import prepare
 import pretrain
 from model import ModelConfig
-from tokenizer import CharTokenizer
+from tokenizer import CharTokenizer, decode_stream
+
+from conftest import run_doctests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,4 +242,9 @@ def test_chat_streams_obeys_temp_and_exits_cleanly(ckpt):
     bad = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(ckpt / "nope")], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 1 and "cannot load" in bad.stderr and "no checkpoint at" in bad.stderr
+
+def test_docstring_examples():
+    """The >>> examples lesson 09 wrote run as printed."""
+    run_doctests(E.pass_at_k, decode_stream)
+
 #< L09

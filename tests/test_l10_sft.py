@@ -17,8 +17,11 @@ import chat as C
 import eval as E
 import sft
 import storyworld
-from model import CausalLM, ModelConfig, exact_match, save_checkpoint, training_state, wilson_interval
-from tokenizer import CHAT_TOKENS, BPETokenizer, read_conversations
+from model import (CausalLM, ModelConfig, exact_match, packed_positions, save_checkpoint, training_state,
+                   wilson_interval)
+from tokenizer import CHAT_TOKENS, BPETokenizer, _alpaca, read_conversations
+
+from conftest import run_doctests
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["<|endoftext|>", *CHAT_TOKENS]
@@ -399,4 +402,10 @@ def test_chat_mode_through_a_pipe(base, tuned):
     base_run = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(root / "base")],
                               input="/len 3\nWhere\n", capture_output=True, text=True, timeout=60)
     assert "Type a beginning" in base_run.stdout.splitlines()[0]  # completion mode
+
+def test_docstring_examples():
+    """The >>> examples lesson 10 wrote run as printed."""
+    run_doctests(sft.pad_batch, sft.pack_batch, sft.by_question, storyworld.question_turn,
+                 packed_positions, wilson_interval, _alpaca)
+
 #< L10

@@ -18,6 +18,7 @@ import torch
 import peft as P
 import sft
 from model import CausalLM, ModelConfig, exact_match, load_checkpoint, save_checkpoint
+from conftest import run_doctests
 from test_l10_sft import FACTS, base, sft_config  # noqa: F401 (base is a fixture)
 from test_l11_dpo import run_cfg, tiny_run  # noqa: F401 (tiny_run is a fixture)
 
@@ -612,4 +613,10 @@ def test_grpo_and_ppo_with_lora_train_only_the_adapter(tiny_run, tmp_path):
         assert align.train(cfg, log=lambda *a: None)["step"] == 2
         assert [json.loads(line) for line in open(out / "log.jsonl")][0]["kl"] == 0.0
         assert all(".lora_" in k for k in load_checkpoint(out / "ckpt.pt")["model"])
+
+def test_docstring_examples():
+    """The >>> examples lesson 14 wrote run as printed."""
+    run_doctests(P.apply_lora, P.nf4_code, P.dynamic_code, P.blockwise_absmax, P.nf4_quantize,
+                 P.format_bytes)
+
 #< L14

@@ -13,6 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kernels as K
 from model import CausalLM, ModelConfig, causal_mask, naive_attention, repeat_kv
 
+from conftest import run_doctests
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -281,4 +283,9 @@ def test_attn_impl_is_validated():
         ModelConfig(attn_impl="flashy")
     with pytest.raises(ValueError, match="dropout"):
         ModelConfig(attn_impl="flash", dropout=0.1)
+
+def test_docstring_examples():
+    """The >>> examples lesson 15 wrote run as printed (the Triton-free reference code)."""
+    run_doctests(K.online_softmax, K.key_tiles, K.flash_forward)
+
 #< L15

@@ -11,7 +11,7 @@ reference = "precompute"
 # from 48.5% to 8%; an NLL term on the chosen answers (RPO) holds it at the SFT level.
 rpo_alpha = 1.0
 # 700 steps at 5e-4, from the 84% SFT model: held-out pair accuracy 0.81 after 150 steps at 2e-4,
-# 0.89 here (0.68 from today's 43% model; lessons.md, lesson 11)
+# 0.89 here (0.76 from today's 63% model, 0.68 from a 43% one; lessons.md, lesson 11)
 lr = 5e-4
 batch_size = 8
 max_iters = 700

@@ -7,7 +7,7 @@ out_dir = "out/reward"
 lr = 3e-4
 batch_size = 8
 # 2.3 min: held-out pair accuracy 64% at 150 steps, 68% at 450 (from the 84% SFT model; 63% from
-# today's 43% one, lessons.md lesson 12)
+# the SFT model today's config/sft.py trains, lessons.md lesson 12)
 max_iters = 450
 log_interval = 10
 eval_interval = 150

@@ -236,11 +236,11 @@ def test_token_embedding_shape_and_gradient_flow():
     torch.testing.assert_close(emb.weight.grad[2], torch.full((8,), 2.0))  # token 2 used twice
     assert abs(emb.weight.std().item() - 0.02) < 0.01
 
+
 def test_docstring_examples():
     """The >>> examples lesson 01 wrote run as printed (CI runs no --doctest-modules)."""
     run_doctests(T.CharTokenizer, T.count_pairs, T.merge, T.byte_to_unicode, T.BPETokenizer.split,
                  TokenEmbedding)
-
 #< L01
 
 

@@ -93,8 +93,8 @@ def test_split_and_merge_heads_roundtrip():
     torch.testing.assert_close(merge_heads(h), x)
     assert repeat_kv(h, 2).shape == (2, 6, 5, 4) and torch.equal(repeat_kv(h, 2)[:, 1], h[:, 0])
 
+
 def test_docstring_examples():
     """The >>> examples lesson 02 wrote run as printed."""
     run_doctests(causal_mask)
-
 #< L02

@@ -90,8 +90,8 @@ def test_clip_grad_norm_matches_torch():
     total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert total == pytest.approx(0.5, rel=1e-4)  # ...to 0.5
 
+
 def test_docstring_examples():
     """The >>> examples lesson 07 wrote run as printed."""
     run_doctests(cross_entropy)
-
 #< L07

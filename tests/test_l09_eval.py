@@ -243,8 +243,8 @@ def test_chat_streams_obeys_temp_and_exits_cleanly(ckpt):
                          text=True, timeout=60)
     assert bad.returncode == 1 and "cannot load" in bad.stderr and "no checkpoint at" in bad.stderr
 
+
 def test_docstring_examples():
     """The >>> examples lesson 09 wrote run as printed."""
     run_doctests(E.pass_at_k, decode_stream)
-
 #< L09

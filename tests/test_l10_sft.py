@@ -403,9 +403,9 @@ def test_chat_mode_through_a_pipe(base, tuned):
                               input="/len 3\nWhere\n", capture_output=True, text=True, timeout=60)
     assert "Type a beginning" in base_run.stdout.splitlines()[0]  # completion mode
 
+
 def test_docstring_examples():
     """The >>> examples lesson 10 wrote run as printed."""
     run_doctests(sft.pad_batch, sft.pack_batch, sft.by_question, storyworld.question_turn,
                  packed_positions, wilson_interval, _alpaca)
-
 #< L10

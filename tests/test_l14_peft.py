@@ -614,9 +614,9 @@ def test_grpo_and_ppo_with_lora_train_only_the_adapter(tiny_run, tmp_path):
         assert [json.loads(line) for line in open(out / "log.jsonl")][0]["kl"] == 0.0
         assert all(".lora_" in k for k in load_checkpoint(out / "ckpt.pt")["model"])
 
+
 def test_docstring_examples():
     """The >>> examples lesson 14 wrote run as printed."""
     run_doctests(P.apply_lora, P.nf4_code, P.dynamic_code, P.blockwise_absmax, P.nf4_quantize,
                  P.format_bytes)
-
 #< L14

@@ -284,8 +284,8 @@ def test_attn_impl_is_validated():
     with pytest.raises(ValueError, match="dropout"):
         ModelConfig(attn_impl="flash", dropout=0.1)
 
+
 def test_docstring_examples():
     """The >>> examples lesson 15 wrote run as printed (the Triton-free reference code)."""
     run_doctests(K.online_softmax, K.key_tiles, K.flash_forward)
-
 #< L15

@@ -344,10 +344,11 @@ def train(cfg):
     torch.manual_seed(cfg["seed"])  # the same init on every rank (DDP also broadcasts rank 0's)
     model = CausalLM(mcfg).to(device)
     optimizer = make_optimizer(model, cfg)
-    if ckpt:  # everything that shapes the next step comes back, so the run continues exactly
+    if ckpt:
         # Weights, Adam's moments (without them: a jolt), the step (the lr schedule's
         # position and the next batch number) and the RNG (dropout continues as if never
-        # stopped): everything that shapes the next step comes back.
+        # stopped): everything that shapes the next step comes back, so the run continues
+        # exactly as if it had never stopped (a test compares the two).
         step = resume_training(ckpt, model, optimizer)
         log(f"resumed from {ckpt_path} at step {step}")
     raw = model  # checkpoints store the plain module, not the compiled or DDP wrapper
@@ -397,7 +398,11 @@ def train(cfg):
                 dt = (time.time() - t0) / cfg["log_interval"]  # includes any eval in the interval
                 t0 = time.time()
                 rate = tokens_per_step / dt
+                # The ETA uses the mean step time since this process started, not the last
+                # interval's: an eval or a sample inside one interval would make it jump.
                 eta = (cfg["max_iters"] - step) * (time.time() - t_start) / (step - step0)
+                # MFU: model FLOPs actually done per second over the hardware's peak (PaLM,
+                # Chowdhery et al. 2022, app. B); only when the config states that peak.
                 mfu = f" mfu {raw.mfu(rate, cfg['peak_flops']):.1%}" if cfg["peak_flops"] else ""
                 log(progress_line(step, cfg["max_iters"], loss.item(), lr, norm.item(), dt, rate, eta, mfu))
                 history = {"step": step, "tokens": step * tokens_per_step, "train_loss": loss.item(),
@@ -408,6 +413,8 @@ def train(cfg):
                 if master:
                     log(f"step {step}: val loss {history['val_loss']:.4f}\n--- sample ---\n"
                         f"{sample_text(raw, tok, meta, cfg, device)}\n--------------")
+                # A checkpoint at every eval: a crash or a pre-empted machine loses at most
+                # eval_interval steps, and the file is written atomically (model.save_checkpoint).
                 checkpoint()
             if master and history.get("step") == step:  # one JSON line per logged step
                 logfile.write(json.dumps(history) + "\n")

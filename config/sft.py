@@ -9,7 +9,7 @@
 init = "out/tiny"
 out_dir = "out/sft"
 # 16 conversations x 2,500 steps at lr 3e-3: 4 min 35 s with this course's 2-core EPYC's two
-# threads, evaluations included (8 minutes on one thread, every logged loss the same).
+# threads, evaluations included (about 8 minutes on one thread, every logged loss the same).
 # Held-out 63% from today's base (val 0.547; 73% and 60% with --seed=1, 2); the earlier 1,500
 # steps at 2e-3 gave 43%, 38%, 41.5% (84% from an earlier, luckier base). Which lookups SFT
 # forms is close to a coin toss per run: the log prints each kind (lessons.md, lesson 10).

@@ -144,7 +144,8 @@ def generate_story(rng):
     facts = {"hero": hero.name, "hero_kind": hero.kind, "friend": friend.name,
              "friend_kind": friend.kind, "found_at": place, "end_place": end_place,
              "object": obj, "colour": colour, "size": size, "lost": lost, "owner": owner.name,
-             "hero_felt": glad, "friend_feels_bad": sad, "friend_they": friend.they, "gave": gives}
+             "hero_felt": glad, "friend_feels_bad": sad, "friend_they": friend.they,
+             "friend_their": friend.their, "gave": gives}
     return Story(" ".join(s), facts)
 
 
@@ -170,32 +171,53 @@ def stories(seed, start, count):
 # Tasks with exact answers, for evaluation and the later stages
 
 
+# The six questions: each with the template of its exact answer and the fact it asks for.
+# Four answers are the bare fact. Two are sentences in the story's own words, because the
+# bare answers were out of reach of lesson 10's SFT:
+# - "the drum" was 2 of 28 right. Every story has two objects, and naming the lost one
+#   takes a lookup from the friend's name to the word after "lost". "Omar lost his drum."
+#   repeats "lost his" from the story's "lost his drum" (or "lost my drum"), so the next
+#   word is a copy of what followed the same words before: an induction head's job.
+# - "Zoe" was 6 of 29. A reply's first word has no space before it, and the token "Zoe"
+#   is not the token " Zoe" that the story holds. In "At the end, the ball was with Zoe."
+#   it is, after the words the story itself uses.
+# With both sentences, held-out exact match went from 63% to 89%, and both questions to
+# 100% (lessons.md, lesson 10).
+QUESTIONS = [
+    ("Where did {hero} find the {object}?", "{found_at}", "found_at"),
+    ("What colour was the {object}?", "{colour}", "colour"),
+    ("Who had the {object} at the end?", "At the end, the {object} was with {owner}.", "owner"),
+    ("What did {friend} lose?", "{friend} lost {friend_their} {lost}.", "lost"),
+    ("What kind of animal or person was {friend}?", "a {friend_kind}", "friend_kind"),
+    ("How did {hero} feel after finding the {object}?", "{hero_felt}", "hero_felt"),
+]
+
+
 def story_questions(story):
-    f = story.facts
-    return [
-        (f"Where did {f['hero']} find the {f['object']}?", f["found_at"]),
-        (f"What colour was the {f['object']}?", f["colour"]),
-        (f"Who had the {f['object']} at the end?", f["owner"]),
-        (f"What did {f['friend']} lose?", f"the {f['lost']}"),
-        (f"What kind of animal or person was {f['friend']}?", f"a {f['friend_kind']}"),
-        (f"How did {f['hero']} feel after finding the {f['object']}?", f["hero_felt"]),
-    ]
+    """[(question, exact answer)] about one story, in the order of QUESTIONS."""
+    return [(q.format(**story.facts), a.format(**story.facts)) for q, a, _ in QUESTIONS]
+
+
+def wrong_choices(facts):
+    """For each fact a question asks about: the values of its type, the right one among
+    them. Wrong answers come from here, so they are plausible (a place for a place)."""
+    return {"found_at": PLACES, "colour": COLOURS, "owner": [facts["hero"], facts["friend"]],
+            "lost": OBJECTS, "friend_kind": KINDS,
+            "hero_felt": FEELINGS["good"] + FEELINGS["bad"]}
 
 
 def multiple_choice(story, rng):
     """Four options per question, one right, distractors of the same type."""
     f = story.facts
-    pools = {"found_at": PLACES, "colour": COLOURS, "owner": [f["hero"], f["friend"]],
-             "lost": OBJECTS}
     items = []
-    for (question, answer), key in zip(story_questions(story)[:4], ["found_at", "colour", "owner", "lost"]):
-        right = answer.removeprefix("the ")
-        wrong = [o for o in pools[key] if o != right]
+    for question, _, key in QUESTIONS[:4]:
+        right = f[key]
+        wrong = [o for o in wrong_choices(f)[key] if o != right]
         options = rng.sample(wrong, min(3, len(wrong))) + [right]
         if key == "owner":  # only two people in the story: add two outsiders
             options += rng.sample([n for n in NAMES["she"] + NAMES["he"] if n not in options], 2)
         rng.shuffle(options)
-        items.append((question, options, options.index(right)))
+        items.append((question.format(**f), options, options.index(right)))
     return items
 
 
@@ -207,16 +229,13 @@ def arithmetic(rng, digits=2):
 
 
 def preference_pairs(story, rng):
-    """(prompt, chosen, rejected): the right answer versus a plausible wrong one."""
-    pairs = []
-    for question, answer in story_questions(story):
-        for pool in (PLACES, COLOURS, [story.facts["hero"], story.facts["friend"]],
-                     [f"the {o}" for o in OBJECTS], [f"a {k}" for k in KINDS],
-                     FEELINGS["good"] + FEELINGS["bad"]):
-            if answer in pool:
-                wrong = rng.choice([p for p in pool if p != answer])
-                pairs.append((f"{story.text}\nQuestion: {question}\nAnswer:", f" {answer}", f" {wrong}"))
-                break
+    """(prompt, chosen, rejected): the right answer versus the same answer with a
+    plausible wrong fact in it ("At the end, the ball was with Tom." for "... Zoe.")."""
+    f, pairs = story.facts, []
+    for question, answer, key in QUESTIONS:
+        wrong = rng.choice([v for v in wrong_choices(f)[key] if v != f[key]])
+        pairs.append((f"{story.text}\nQuestion: {question.format(**f)}\nAnswer:",
+                      " " + answer.format(**f), " " + answer.format(**{**f, key: wrong})))
     return pairs
 
 

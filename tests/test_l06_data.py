@@ -33,12 +33,14 @@ def test_facts_and_task_answers_agree_with_the_text():
         assert f["found_at"] in text and f["colour"] in text and f["lost"] in text
         assert f"{f['owner']} had the" in text or f"was with {f['owner']}" in text
         assert (f"to {f['friend']}" in text or "gave it to" in text) == f["gave"]
-        for question, answer in storyworld.story_questions(story):
-            assert answer.removeprefix("the ").removeprefix("a ") in text, question
+        asks = [key for _, _, key in storyworld.QUESTIONS]
+        for (question, answer), key in zip(storyworld.story_questions(story), asks):
+            assert f[key] in text and f[key] in answer, question
         for question, options, k in storyworld.multiple_choice(story, rng):
             assert len(options) == len(set(options)) == 4 and options[k] in text
-        for prompt, chosen, rejected in storyworld.preference_pairs(story, rng):
-            assert prompt.startswith(text) and chosen != rejected
+        pairs = storyworld.preference_pairs(story, rng)
+        for (prompt, chosen, rejected), (question, answer) in zip(pairs, storyworld.story_questions(story)):
+            assert prompt == f"{text}\nQuestion: {question}\nAnswer:" and chosen == " " + answer != rejected
     for _ in range(100):
         question, answer = storyworld.arithmetic(rng)
         a, op, b = question.removeprefix("What is ").rstrip("?").split()

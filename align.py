@@ -90,7 +90,7 @@ DEFAULTS.update(
     reward_init="out/reward",
     prompts_per_iter=8,  # prompts sampled per PPO/GRPO iteration
     samples_per_prompt=4,  # completions per prompt (GRPO calls it the group size)
-    max_new_tokens=16,
+    max_new_tokens=24,  # the longest story answer is 10 tokens; past half of this is rambling (GRPO)
     temperature=1.0,  # 1: the samples come from the very policy whose log-probs we use
     nonend_penalty=1.0,  # subtracted from the score of a response that never ends
     # PPO: defaults as TRL's last PPOConfig

@@ -178,15 +178,19 @@ def stories(seed, start, count):
 #   takes a lookup from the friend's name to the word after "lost". "Omar lost his drum."
 #   repeats "lost his" from the story's "lost his drum" (or "lost my drum"), so the next
 #   word is a copy of what followed the same words before: an induction head's job.
+#   It is still the hardest question: 25-28 of 28 in three SFT runs of six, 1-10 in the
+#   others (as "the drum": fully in 2 of about 20 runs).
 # - "Zoe" was 6 of 29. A reply's first word has no space before it, and the token "Zoe"
-#   is not the token " Zoe" that the story holds. In "At the end, the ball was with Zoe."
-#   it is, after the words the story itself uses.
-# With both sentences, held-out exact match went from 63% to 89%, and both questions to
-# 100% (lessons.md, lesson 10).
+#   is not the token " Zoe" that the story holds. In "At the end, it was with Zoe." it is,
+#   after the words the story itself uses ("was with Zoe").
+#   subtle: "it", not "the ball". Copying the object from the question is one more thing
+#   to learn, and one SFT run in three did not: the right name, the wrong object.
+# Held-out exact match after SFT went from 63%, 73%, 60% to 80%, 89.5%, 98% on three
+# data orders; the owner question is now right in all three (lessons.md, lesson 10).
 QUESTIONS = [
     ("Where did {hero} find the {object}?", "{found_at}", "found_at"),
     ("What colour was the {object}?", "{colour}", "colour"),
-    ("Who had the {object} at the end?", "At the end, the {object} was with {owner}.", "owner"),
+    ("Who had the {object} at the end?", "At the end, it was with {owner}.", "owner"),
     ("What did {friend} lose?", "{friend} lost {friend_their} {lost}.", "lost"),
     ("What kind of animal or person was {friend}?", "a {friend_kind}", "friend_kind"),
     ("How did {hero} feel after finding the {object}?", "{hero_felt}", "hero_felt"),
@@ -230,7 +234,7 @@ def arithmetic(rng, digits=2):
 
 def preference_pairs(story, rng):
     """(prompt, chosen, rejected): the right answer versus the same answer with a
-    plausible wrong fact in it ("At the end, the ball was with Tom." for "... Zoe.")."""
+    plausible wrong fact in it ("At the end, it was with Tom." for "... with Zoe.")."""
     f, pairs = story.facts, []
     for question, answer, key in QUESTIONS:
         wrong = rng.choice([v for v in wrong_choices(f)[key] if v != f[key]])

@@ -182,7 +182,8 @@ def stories(seed, start, count):
 #   others (as "the drum": fully in 2 of about 20 runs).
 # - "Zoe" was 6 of 29. A reply's first word has no space before it, and the token "Zoe"
 #   is not the token " Zoe" that the story holds. In "At the end, it was with Zoe." it is,
-#   after the words the story itself uses ("was with Zoe").
+#   after words the story uses (half the stories end "was with Zoe", the rest "In the end,
+#   Zoe had").
 #   subtle: "it", not "the ball". Copying the object from the question is one more thing
 #   to learn, and one SFT run in three did not: the right name, the wrong object.
 # Held-out exact match after SFT went from 63%, 73%, 60% to 80%, 89.5%, 98% on three

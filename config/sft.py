@@ -9,7 +9,7 @@
 init = "out/tiny"
 out_dir = "out/sft"
 # 16 conversations x 2,500 steps at lr 3e-3: 4 min 47 s with this course's 2-core EPYC's two
-# threads, evaluations included (8.1 minutes on one thread, the same losses and 80%).
+# threads, evaluations included (about 8 minutes on one thread, the same losses and 80%).
 # Held-out 80% from today's base (val 0.547; 89.5% and 98% with --seed=1, 2); with bare answers
 # instead of storyworld's two sentences 63%, 73%, 60%, and the earlier 1,500 steps at 2e-3 43%,
 # 38%, 41.5%. Which lookups SFT forms still varies per run: the log prints each kind (lessons.md,

@@ -178,8 +178,7 @@ def stories(seed, start, count):
 #   takes a lookup from the friend's name to the word after "lost". "Omar lost his drum."
 #   repeats "lost his" from the story's "lost his drum" (or "lost my drum"), so the next
 #   word is a copy of what followed the same words before: an induction head's job.
-#   It is still the hardest question: 25-28 of 28 in three SFT runs of six, 1-10 in the
-#   others (as "the drum": fully in 2 of about 20 runs).
+#   It is still the hardest question: some SFT runs learn it, some do not.
 # - "Zoe" was 6 of 29. A reply's first word has no space before it, and the token "Zoe"
 #   is not the token " Zoe" that the story holds. In "At the end, it was with Zoe." it is,
 #   after words the story uses (half the stories end "was with Zoe", the rest "In the end,

@@ -36,11 +36,12 @@ def test_facts_and_task_answers_agree_with_the_text():
         asks = [key for _, _, key in storyworld.QUESTIONS]
         for (question, answer), key in zip(storyworld.story_questions(story), asks):
             assert f[key] in text and f[key] in answer, question
-        for question, options, k in storyworld.multiple_choice(story, rng):
-            assert len(options) == len(set(options)) == 4 and options[k] in text
+        for (question, options, k), key in zip(storyworld.multiple_choice(story, rng), asks):
+            assert len(options) == len(set(options)) == 4 and options[k] == f[key], question
         pairs = storyworld.preference_pairs(story, rng)
-        for (prompt, chosen, rejected), (question, answer) in zip(pairs, storyworld.story_questions(story)):
-            assert prompt == f"{text}\nQuestion: {question}\nAnswer:" and chosen == " " + answer != rejected
+        for (prompt, chosen, rejected), (question, answer), key in zip(pairs, storyworld.story_questions(story), asks):
+            assert prompt == f"{text}\nQuestion: {question}\nAnswer:" and chosen == " " + answer
+            assert f[key] not in rejected, rejected  # the same answer, with a wrong fact in it
     for _ in range(100):
         question, answer = storyworld.arithmetic(rng)
         a, op, b = question.removeprefix("What is ").rstrip("?").split()

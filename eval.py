@@ -394,10 +394,7 @@ def arith_tasks(n=100, seed=1337):
 def chat_tasks(task, n, file=None):
     """Exact-match chats whose last message is the reference answer: --file, or the
     held-out set sft.py evaluates on (data/sft/eval_<task>.jsonl, made on first use)."""
-    path = Path(file) if file else HERE / "data" / "sft" / f"eval_{task}.jsonl"
-    if not path.exists() and not file:
-        subprocess.run([sys.executable, str(HERE / "data" / "prepare.py"), "sft"], check=True)
-    return read_conversations(path)[:n]
+    return read_conversations(file or HERE / "data" / "sft" / f"eval_{task}.jsonl")[:n]
 
 
 def report_exact_match(model, tok, examples, shown=3):

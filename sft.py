@@ -93,12 +93,7 @@ def load_conversations(path, tok, block_size, log=print):
     the model when n - 1 <= block_size; longer ones are dropped, and counted,
     rather than cut (a cut could remove the very answer we train on).
     """
-    if not Path(path).exists() and Path(path).parts[:2] == ("data", "sft"):
-        # The built-in sets: made on first use, like pretrain.py's corpus.
-        import subprocess
-
-        subprocess.run([sys.executable, str(Path(__file__).parent / "data" / "prepare.py"), "sft"],
-                       check=True)
+    # The built-in data/sft is made on first use, like pretrain.py's corpus (read_conversations).
     rendered = read_conversations(path, tok)  # fails on the first bad line, naming it
     kept = [(ids, mask) for ids, mask in rendered if len(ids) - 1 <= block_size]
     if len(kept) < len(rendered):

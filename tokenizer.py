@@ -24,6 +24,10 @@ check that it agrees with tiktoken token for token).
 """
 
 import argparse
+#> L10 conversations
+import functools
+import subprocess
+#< L10
 import heapq
 import json
 import sys
@@ -696,6 +700,19 @@ def _alpaca(row):
     return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
 
 
+@functools.cache
+def refresh_built_in(folder):
+    """The built-in chat sets, data/sft and data/dpo, are made by data/prepare.py from
+    data/storyworld.py: on first use, and again whenever storyworld.py has changed
+    since (otherwise a pull with new answer wordings trains on the old ones). Other
+    folders are the user's and are left alone. Once per folder and process."""
+    folder = Path(folder).resolve()
+    if folder.parent.name == "data" and folder.name in ("sft", "dpo"):
+        prepare = Path(__file__).resolve().parent / "data" / "prepare.py"
+        subprocess.run([sys.executable, str(prepare), folder.name, "--out", str(folder), "--if_stale"],
+                       check=True)
+
+
 def read_conversations(path, tok=None):
     """Every conversation of a JSONL file as a list of messages, checked up front.
 
@@ -707,6 +724,7 @@ def read_conversations(path, tok=None):
     result is each conversation rendered, (ids, mask) (what sft.py trains on),
     so special-token text in content is caught with its line number too.
     """
+    refresh_built_in(Path(path).parent)
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

@@ -230,6 +230,9 @@ def main(argv=None):
     ap.add_argument("--source", help="a local copy of the corpus instead of downloading")
     ap.add_argument("--stories", type=int, default=14000, help="storyworld: training stories")
     ap.add_argument("--vocab_size", type=int, help="BPE vocabulary size")
+    #> L10 sft-data
+    ap.add_argument("--if_stale", action="store_true", help="chat sets: only if missing or out of date")
+    #< L10
     args = ap.parse_args(argv)
     out = Path(args.out or HERE / args.dataset)
     vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}
@@ -237,7 +240,19 @@ def main(argv=None):
         return prepare_storyworld(out, args.stories, max(1, args.stories // 20), **vocab)
     #> L10 sft-data
     if args.dataset in CHAT_DATA:
-        return CHAT_DATA[args.dataset](out, args.stories, max(1, args.stories // 20))
+        # The sets are a function of storyworld.py and the story count alone. Stamp them with
+        # both, so that --if_stale (what sft.py, eval.py and align.py run) remakes a set that a
+        # pull changed (new answer wordings, say) instead of training on the old one in silence.
+        stamp = {"storyworld.py": sha256(HERE / "storyworld.py"), "stories": args.stories}
+        meta = out / "meta.json"
+        if args.if_stale and meta.exists() and json.loads(meta.read_text()) == stamp:
+            return
+        if args.if_stale and any(out.glob("*.jsonl")):
+            print(f"{out} was made from another data/storyworld.py or story count: making it again")
+        meta.unlink(missing_ok=True)
+        CHAT_DATA[args.dataset](out, args.stories, max(1, args.stories // 20))
+        meta.write_text(json.dumps(stamp) + "\n")  # last: a half-written set stays stale
+        return
     #< L10
     if args.dataset == "tinystories":
         return prepare_tinystories(out, source=args.source, **vocab)

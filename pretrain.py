@@ -463,6 +463,7 @@ def plot(out):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.savefig(out / "loss.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)  # pyplot keeps every figure until closed: a notebook's training calls pile up
     print(f"wrote {out / 'loss.png'}")
 
 

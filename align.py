@@ -47,7 +47,7 @@ import peft
 #> L11 align
 from model import (check_resume, exact_match, load_checkpoint, load_run, resume_training, run_main,
                    save_checkpoint, setup_device, setup_precision, training_state)
-from tokenizer import chat_end, read_conversations
+from tokenizer import chat_end, read_conversations, refresh_built_in
 
 # -----------------------------------------------------------------------------
 # Config: every key a run can set, with its default. A config file or
@@ -88,6 +88,7 @@ DEFAULTS.update(
     task="arith",  # the verifiable task PPO/GRPO train and test on: "arith" or "story"
     reward="rule",  # "rule" (exact match) or "model" (the reward model at reward_init)
     reward_init="out/reward",
+    rm_nll_coef=0.0,  # reward model: weight of an NLL term on the chosen answers (GRM); 0: score alone
     prompts_per_iter=8,  # prompts sampled per PPO/GRPO iteration
     samples_per_prompt=4,  # completions per prompt (GRPO calls it the group size)
     max_new_tokens=24,  # the longest story answer is 10 tokens; past half of this is rambling (GRPO)
@@ -332,6 +333,7 @@ def encode_preference(tok, row):
 def read_preferences(path, tok, block_size, limit=None, log=print):
     """The first `limit` pairs (None: all) of a preference JSONL file, encoded; a bad
     line fails with its number. Pairs longer than the context are dropped, and counted."""
+    refresh_built_in(Path(path).parent)  # data/dpo: made on first use, remade when stale
     pairs, too_long = [], 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -469,19 +471,25 @@ def update(optimizer, loss, grad_clip):
 # A scalar head: the reward model and the critic
 
 
-def with_scalar_head(model):
+def with_scalar_head(model, keep_lm=False):
     """A copy of a CausalLM whose unembedding (C -> V) becomes one number (C -> 1).
 
     Read at a position, the output scores everything up to it: at the last token
     of (prompt, answer) it is the reward model's score; at every position, the
     critic's value estimate. The head starts at zero: no opinion before training.
+    keep_lm: the unembedding stays, behind the new row: the output is (B, T, 1 + V),
+    the score, then next-token logits as before (the reward model's NLL term).
     """
     scalar = copy.deepcopy(model)
     # subtle: with tied embeddings lm_head.weight *is* tok_emb.weight; assigning a new
     # module unties them and leaves the embedding as it was.
-    scalar.lm_head = nn.Linear(model.cfg.n_embd, 1, bias=True, device=model.lm_head.weight.device)
+    W = model.lm_head.weight  # (V, C)
+    scalar.lm_head = nn.Linear(model.cfg.n_embd, 1 + len(W) * keep_lm, bias=True, device=W.device)
     nn.init.zeros_(scalar.lm_head.weight)
     nn.init.zeros_(scalar.lm_head.bias)
+    if keep_lm:
+        with torch.no_grad():
+            scalar.lm_head.weight[1:] = W
     return scalar
 
 
@@ -497,10 +505,11 @@ def last_index(mask):
     return T - 1 - mask.flip(-1).argmax(-1)
 
 
-def reward_scores(rm, ids, mask):
+def reward_scores(rm, ids, mask, out=None):
     """The reward model's score of each (prompt, answer): its output at the last
-    answer token. ids, mask (B, T) with mask on the answer, as collate_pairs."""
-    out = rm(ids)[0][..., 0].float()  # (B, T)
+    answer token. ids, mask (B, T) with mask on the answer, as collate_pairs;
+    out: rm(ids)[0] when the caller has it already."""
+    out = (rm(ids)[0] if out is None else out)[..., 0].float()  # (B, T)
     return out.gather(1, last_index(mask)[:, None]).squeeze(1)
 
 
@@ -758,7 +767,7 @@ def load_reward_model(path, device):
     ckpt = load_checkpoint(Path(path) / "ckpt.pt" if Path(path).is_dir() else path, device)
     if not ckpt.get("scalar_head"):
         raise ValueError(f"{path} is not a reward model; train one: python align.py config/reward.py")
-    rm = with_scalar_head(CausalLM(ModelConfig(**ckpt["model_config"])))
+    rm = with_scalar_head(CausalLM(ModelConfig(**ckpt["model_config"])), ckpt.get("keep_lm", False))
     rm.load_state_dict(ckpt["model"])
     return frozen_copy(rm.to(device))
 
@@ -767,30 +776,41 @@ def setup_reward(policy, tok, cfg, device, log):
     """The reward model trains on the DPO pairs: its score ranks chosen above rejected."""
     train = read_preferences(cfg["data"], tok, policy.cfg.block_size, cfg["max_iters"] * cfg["batch_size"], log)
     val = read_preferences(cfg["val_data"], tok, policy.cfg.block_size, cfg["eval_pairs"], log)
-    rm = with_scalar_head(policy)
+    # The score alone is one bit per pair: the trunk has to learn to read the story
+    # from that. An NLL term on the chosen answers, through the unembedding kept
+    # beside the score (GRM: Yang et al. 2024, "Regularizing hidden states enables
+    # learning generalizable reward model for LLMs", their SFT regulariser), keeps
+    # the trunk answering the question while the score learns to judge answers.
+    rm = with_scalar_head(policy, keep_lm=cfg["rm_nll_coef"] > 0)
     rm.train()
 
     def scores(pairs, idx):
         ids, mask = collate_pairs([pairs[j] for j in idx], device)
-        r = reward_scores(rm, ids, mask)  # (2b,): chosen, then rejected
-        return r[:len(idx)], r[len(idx):]
+        out = rm(ids)[0]  # (2b, T, 1) or, keep_lm, (2b, T, 1 + V)
+        r = reward_scores(rm, ids, mask, out)  # (2b,): chosen, then rejected
+        return r[:len(idx)], r[len(idx):], (ids, mask, out)
 
     def step(i, optimizer):
-        rc, rr = scores(train, batch_indices(len(train), cfg["batch_size"], i, cfg["seed"]))
+        idx = batch_indices(len(train), cfg["batch_size"], i, cfg["seed"])
+        rc, rr, (ids, mask, out) = scores(train, idx)
         loss = reward_model_loss(rc, rr)
+        if cfg["rm_nll_coef"]:  # the chosen half: -log p of each answer token, mean over them
+            logp = F.log_softmax(out[:len(idx), :-1, 1:].float(), -1)  # (b, T-1, V), fp32 as token_logprobs
+            logp = logp.gather(-1, ids[:len(idx), 1:, None]).squeeze(-1)  # (b, T-1)
+            loss = loss - cfg["rm_nll_coef"] * masked_mean(logp, mask[:len(idx), 1:])
         update(optimizer, loss, cfg["grad_clip"])
         return {"loss": loss.item(), "acc": (rc > rr).float().mean().item(), "margin": (rc - rr).mean().item()}
 
     @torch.no_grad()
     def evaluate():  # held-out pair accuracy
         rm.eval()
-        right = sum((lambda c, r: (c > r).sum().item())(*scores(val, torch.arange(i, min(i + cfg["batch_size"], len(val)))))
+        right = sum((lambda c, r, _: (c > r).sum().item())(*scores(val, torch.arange(i, min(i + cfg["batch_size"], len(val)))))
                     for i in range(0, len(val), cfg["batch_size"]))
         rm.train()
         return {"pair_acc": right / len(val)}
 
     return {"module": rm, "policy": None, "step": step, "evaluate": evaluate, "plot": ["loss", "acc"],
-            "checkpoint": {"scalar_head": True}}
+            "checkpoint": {"scalar_head": True, "keep_lm": cfg["rm_nll_coef"] > 0}}
 
 
 def read_prompts(path, tok, task):
@@ -1140,6 +1160,7 @@ def plot(out, keys):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)  # pyplot keeps every figure until closed: a notebook's training calls pile up
     print(f"wrote {out / 'curves.png'}")
 
 

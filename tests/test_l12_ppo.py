@@ -161,6 +161,31 @@ def test_tiny_reward_model_separates_pairs():
     assert (r[:4] > r[4:]).all()
 
 
+def test_reward_model_nll_term_is_the_chosen_answers_cross_entropy(tiny_run, tmp_path):
+    """keep_lm: the score is a new row in front of the unembedding, which is kept as it
+    was; the first step's loss is ln 2 (both scores 0) plus the coefficient times the
+    mean cross-entropy of the chosen answers' tokens under the SFT model."""
+    from model import load_run
+
+    root, tok = tiny_run
+    cfg = run_cfg(root, tmp_path, method="reward", rm_nll_coef=0.5)
+    policy = load_run(root / "sft", "cpu")[0]
+    run = align.setup_reward(policy, tok, cfg, "cpu", log=lambda *a: None)
+    rm = run["module"]
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = rm(ids)[0]
+    assert out.shape == (1, 4, 1 + policy.cfg.vocab_size) and out[..., 0].eq(0).all()
+    assert torch.equal(out[..., 1:], policy(ids)[0])
+    pairs = align.read_preferences(cfg["data"], tok, 64)
+    nll, n = 0.0, 0
+    for j in align.batch_indices(len(pairs), cfg["batch_size"], 0, cfg["seed"]).tolist():
+        chosen, mask = torch.tensor([pairs[j][0]]), torch.tensor(pairs[j][1][1:], dtype=torch.bool)
+        ce = torch.nn.functional.cross_entropy(policy(chosen)[0][0, :-1], chosen[0, 1:], reduction="none")
+        nll, n = nll + ce[mask].sum().item(), n + mask.sum().item()
+    loss = run["step"](0, torch.optim.SGD(rm.parameters(), lr=0.0))["loss"]
+    assert loss == pytest.approx(math.log(2) + 0.5 * nll / n, rel=1e-5)
+
+
 def test_rollout_masks_the_answer_up_to_the_first_end_token():
     """The response mask, row by row against the sampled ids: answer tokens through the first end
     token, nothing of the prompt or of the repeated end tokens; the ids are usable in autograd."""
@@ -206,12 +231,14 @@ def test_tiny_ppo_raises_the_reward_of_saying_a_token():
 
 
 
-def test_reward_then_ppo_commands_run_end_to_end(tiny_run, tmp_path):
-    """The reward method saves a scalar-head checkpoint that PPO's --reward=model loads;
-    PPO logs its metrics (KL starts at 0: policy == reference) and writes curves.png."""
+@pytest.mark.parametrize("rm_nll_coef", [0.0, 0.3])
+def test_reward_then_ppo_commands_run_end_to_end(tiny_run, tmp_path, rm_nll_coef):
+    """The reward method saves a scalar-head checkpoint (with the kept unembedding or
+    without) that PPO's --reward=model loads; PPO logs its metrics (KL starts at 0:
+    policy == reference) and writes curves.png."""
     root, _ = tiny_run
     quiet = dict(log=lambda *a: None)
-    rm = align.train(run_cfg(root, tmp_path / "reward", method="reward"), **quiet)
+    rm = align.train(run_cfg(root, tmp_path / "reward", method="reward", rm_nll_coef=rm_nll_coef), **quiet)
     assert rm["after"]["pair_acc"] > rm["before"]["pair_acc"]
     cfg = run_cfg(root, tmp_path / "ppo", method="ppo", reward="model", reward_init=str(tmp_path / "reward"),
                   prompts=str(root / "eval.jsonl"), task="story", max_iters=2, log_interval=1,

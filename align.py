@@ -28,6 +28,7 @@ Shao et al. 2024, "DeepSeekMath" (GRPO); Yu et al. 2025, "DAPO"; Liu et al.
 2025, "Understanding R1-Zero-Like Training" (Dr. GRPO).
 """
 
+import contextlib
 import copy
 import json
 import re
@@ -781,6 +782,8 @@ def setup_reward(policy, tok, cfg, device, log):
     # beside the score (GRM: Yang et al. 2024, "Regularizing hidden states enables
     # learning generalizable reward model for LLMs", their SFT regulariser), keeps
     # the trunk answering the question while the score learns to judge answers.
+    if cfg["rm_nll_coef"] < 0:
+        raise ValueError(f"rm_nll_coef={cfg['rm_nll_coef']}: it weighs a loss, so >= 0 (0: the score alone)")
     rm = with_scalar_head(policy, keep_lm=cfg["rm_nll_coef"] > 0)
     rm.train()
 
@@ -794,7 +797,9 @@ def setup_reward(policy, tok, cfg, device, log):
         idx = batch_indices(len(train), cfg["batch_size"], i, cfg["seed"])
         rc, rr, (ids, mask, out) = scores(train, idx)
         loss = reward_model_loss(rc, rr)
-        if cfg["rm_nll_coef"]:  # the chosen half: -log p of each answer token, mean over them
+        # The chosen half: -log p of each answer token, mean over all of them in the batch
+        # (DPO's RPO term averages per answer first; for 2-10 token answers they differ little).
+        if cfg["rm_nll_coef"]:
             logp = F.log_softmax(out[:len(idx), :-1, 1:].float(), -1)  # (b, T-1, V), fp32 as token_logprobs
             logp = logp.gather(-1, ids[:len(idx), 1:, None]).squeeze(-1)  # (b, T-1)
             loss = loss - cfg["rm_nll_coef"] * masked_mean(logp, mask[:len(idx), 1:])
@@ -1034,7 +1039,9 @@ def train(cfg, log=print):
     ddp, rank, world, device, why = setup_device(cfg)
     master = rank == 0  # only one process evaluates, logs and writes files
     log = log if master else (lambda *a, **k: None)
-    autocast, _, precision = setup_precision(device, cfg["dtype"])
+    autocast, scaler, precision = setup_precision(device, cfg["dtype"])
+    if scaler.is_enabled():  # fp16 (an older GPU): update() has no loss scaling, small gradients would vanish
+        autocast, precision = contextlib.nullcontext(), "float32 (fp16 needs loss scaling, which align.py omits)"
     log(f"device: {why}; precision: {precision}")
     out = Path(cfg["out_dir"] or f"out/{cfg['method']}")
     ckpt = load_checkpoint(out / "ckpt.pt", device) if cfg["resume"] else None  # fail fast

@@ -700,17 +700,23 @@ def _alpaca(row):
     return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
 
 
-@functools.cache
+BUILT_IN = Path(__file__).resolve().parent / "data"  # data/sft and data/dpo in there are made for you
+
+
 def refresh_built_in(folder):
-    """The built-in chat sets, data/sft and data/dpo, are made by data/prepare.py from
-    data/storyworld.py: on first use, and again whenever storyworld.py has changed
-    since (otherwise a pull with new answer wordings trains on the old ones). Other
-    folders are the user's and are left alone. Once per folder and process."""
+    """The built-in chat sets, this repository's data/sft and data/dpo, are made by
+    data/prepare.py from data/storyworld.py: on first use, and again whenever the
+    code that writes them has changed since (otherwise a pull with new answer
+    wordings trains on the old ones). Any other folder is the user's: left alone."""
     folder = Path(folder).resolve()
-    if folder.parent.name == "data" and folder.name in ("sft", "dpo"):
-        prepare = Path(__file__).resolve().parent / "data" / "prepare.py"
-        subprocess.run([sys.executable, str(prepare), folder.name, "--out", str(folder), "--if_stale"],
-                       check=True)
+    if folder.parent == BUILT_IN.resolve() and folder.name in ("sft", "dpo"):
+        _refresh(folder)
+
+
+@functools.cache  # once per folder and process
+def _refresh(folder):
+    prepare = Path(__file__).resolve().parent / "data" / "prepare.py"
+    subprocess.run([sys.executable, str(prepare), folder.name, "--out", str(folder), "--if_stale"], check=True)
 
 
 def read_conversations(path, tok=None):

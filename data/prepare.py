@@ -224,15 +224,13 @@ def main(argv=None):
     datasets = ["storyworld", "shakespeare_char", "shakespeare", "tinystories"]
     #> L10 sft-data
     datasets += list(CHAT_DATA)  # chat JSONL for sft.py (and align.py), from the story world
+    ap.add_argument("--if_stale", action="store_true", help="chat sets: only if missing or out of date")
     #< L10
     ap.add_argument("dataset", choices=datasets)
     ap.add_argument("--out", help="folder (default data/<dataset>)")
     ap.add_argument("--source", help="a local copy of the corpus instead of downloading")
     ap.add_argument("--stories", type=int, default=14000, help="storyworld: training stories")
     ap.add_argument("--vocab_size", type=int, help="BPE vocabulary size")
-    #> L10 sft-data
-    ap.add_argument("--if_stale", action="store_true", help="chat sets: only if missing or out of date")
-    #< L10
     args = ap.parse_args(argv)
     out = Path(args.out or HERE / args.dataset)
     vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}
@@ -240,17 +238,27 @@ def main(argv=None):
         return prepare_storyworld(out, args.stories, max(1, args.stories // 20), **vocab)
     #> L10 sft-data
     if args.dataset in CHAT_DATA:
-        # The sets are a function of storyworld.py and the story count alone. Stamp them with
-        # both, so that --if_stale (what sft.py, eval.py and align.py run) remakes a set that a
+        # The sets are a function of the code that writes them and the story count. Stamp them
+        # with both, so that --if_stale (what sft.py, eval.py and align.py run) remakes a set a
         # pull changed (new answer wordings, say) instead of training on the old one in silence.
-        stamp = {"storyworld.py": sha256(HERE / "storyworld.py"), "stories": args.stories}
         meta = out / "meta.json"
-        if args.if_stale and meta.exists() and json.loads(meta.read_text()) == stamp:
+        try:
+            old = dict(json.loads(meta.read_text()))
+        except (OSError, ValueError, TypeError):  # none yet, or unreadable: stale
+            old = {}
+        stories = old.get("stories", args.stories) if args.if_stale else args.stories
+        stamp = {"code": [sha256(HERE / f) for f in ("storyworld.py", "prepare.py")], "stories": stories}
+        fresh = old.get("code") == stamp["code"] and old.get("files") and all((out / f).exists() for f in old["files"])
+        if args.if_stale and fresh:
             return
-        if args.if_stale and any(out.glob("*.jsonl")):
-            print(f"{out} was made from another data/storyworld.py or story count: making it again")
+        if args.if_stale and any(out.glob("*.jsonl")):  # kept beside, never overwritten unseen
+            print(f"{out} was made by another data/storyworld.py or prepare.py: making it again "
+                  "(the old files are kept as *.jsonl.old)")
+            for f in out.glob("*.jsonl"):
+                f.replace(f.with_suffix(".jsonl.old"))
         meta.unlink(missing_ok=True)
-        CHAT_DATA[args.dataset](out, args.stories, max(1, args.stories // 20))
+        CHAT_DATA[args.dataset](out, stories, max(1, stories // 20))
+        stamp["files"] = sorted(f.name for f in out.glob("*.jsonl"))
         meta.write_text(json.dumps(stamp) + "\n")  # last: a half-written set stays stale
         return
     #< L10

@@ -19,7 +19,7 @@ import sft
 import storyworld
 from model import (CausalLM, ModelConfig, exact_match, packed_positions, save_checkpoint, training_state,
                    wilson_interval)
-from tokenizer import CHAT_TOKENS, BPETokenizer, _alpaca, read_conversations, refresh_built_in
+from tokenizer import CHAT_TOKENS, BPETokenizer, _alpaca, read_conversations
 
 from conftest import run_doctests
 
@@ -165,21 +165,32 @@ def test_builtin_sets_are_split_by_story():
         assert (question, chat[1]["content"]) in storyworld.story_questions(story)
 
 
-def test_built_in_sets_are_made_on_first_use_and_remade_when_stale(tmp_path):
-    """data/sft is made on first read and kept while its stamp matches storyworld.py; a
-    set made by another storyworld.py (a pull changed the answers) is made again."""
+def test_built_in_sets_are_made_on_first_use_and_remade_when_stale(tmp_path, monkeypatch):
+    """data/sft is made on first read and kept while its stamp matches the code that
+    wrote it; a set made by other code (a pull changed the answers), or missing a file,
+    is made again, the old files kept beside; a folder that is not ours is never written."""
+    import tokenizer
+
+    monkeypatch.setattr(tokenizer, "BUILT_IN", tmp_path / "data")
     folder = tmp_path / "data" / "sft"
     fresh = read_conversations(folder / "eval_story.jsonl")
     assert fresh == storyworld.sft_sets(1337, 14000, 700)["eval_story"]
     old = [[user("Question: Who had it?"), assistant("Zoe")]]  # the answer wording of before
     (folder / "eval_story.jsonl").write_text(json.dumps({"messages": old[0]}) + "\n")
-    refresh_built_in.cache_clear()  # a new process, as far as the check is concerned
+    tokenizer._refresh.cache_clear()  # a new process, as far as the check goes
     assert read_conversations(folder / "eval_story.jsonl") == old  # stamp matches: left alone
-    (folder / "meta.json").write_text(json.dumps({"storyworld.py": "an older digest", "stories": 14000}))
-    refresh_built_in.cache_clear()
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "code": ["an older digest"] * 2}))
+    tokenizer._refresh.cache_clear()
     assert read_conversations(folder / "eval_story.jsonl") == fresh
-    with pytest.raises(FileNotFoundError):  # any other folder is the user's: never written
-        read_conversations(tmp_path / "mine" / "sft" / "eval_story.jsonl")
+    assert read_conversations(folder / "eval_story.jsonl.old") == old  # kept, not overwritten
+    (folder / "val.jsonl").unlink()
+    tokenizer._refresh.cache_clear()
+    assert read_conversations(folder / "val.jsonl")  # a missing file: made again
+    mine = tmp_path / "mine" / "data" / "sft"  # named like ours, but not this repository's
+    with pytest.raises(FileNotFoundError):
+        read_conversations(mine / "eval_story.jsonl")
+    assert not mine.exists()
 
 
 # -----------------------------------------------------------------------------

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 import peft
 #< L14
 #> L11 align
-from model import (check_resume, exact_match, load_checkpoint, load_run, resume_training, run_main,
-                   save_checkpoint, setup_device, setup_precision, training_state)
+from model import (check_resume, exact_match, load_checkpoint, load_run, refresh_data_on_rank0,
+                   resume_training, run_main, save_checkpoint, setup_device, setup_precision, training_state)
 from tokenizer import chat_end, read_conversations, refresh_built_in
 
 # -----------------------------------------------------------------------------
@@ -1043,11 +1043,7 @@ def train(cfg, log=print):
     if scaler.is_enabled():  # fp16 (an older GPU): update() has no loss scaling, small gradients would vanish
         autocast, precision = contextlib.nullcontext(), "float32 (fp16 needs loss scaling, which align.py omits)"
     log(f"device: {why}; precision: {precision}")
-    if ddp:  # rank 0 makes the built-in sets (or remakes stale ones) while the others wait
-        if master:
-            for path in [v for v in cfg.values() if isinstance(v, str) and v.endswith(".jsonl")]:
-                refresh_built_in(Path(path).parent)
-        dist.barrier()
+    refresh_data_on_rank0(cfg, ddp, master)
     out = Path(cfg["out_dir"] or f"out/{cfg['method']}")
     ckpt = load_checkpoint(out / "ckpt.pt", device) if cfg["resume"] else None  # fail fast
     if ckpt:  # the keys that may change on a resume; any other difference is refused

@@ -996,6 +996,22 @@ def setup_device(cfg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return True, rank, world, device, f"{device} (torchrun rank {rank} of {world}, {backend})"
+#> L10 built-in-data
+
+
+def refresh_data_on_rank0(cfg, ddp, master):
+    """Under torchrun, rank 0 makes the built-in chat sets (or remakes stale ones:
+    tokenizer.refresh_built_in) of every *.jsonl path in cfg while the other ranks wait.
+    Every rank writing the same files at once could hand a reader half a file."""
+    import torch.distributed as dist
+    from tokenizer import refresh_built_in
+
+    if ddp:
+        if master:
+            for path in [v for v in cfg.values() if isinstance(v, str) and v.endswith(".jsonl")]:
+                refresh_built_in(Path(path).parent)
+        dist.barrier()
+#< L10
 
 
 def setup_precision(device, requested="auto"):

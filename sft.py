@@ -33,9 +33,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (check_resume, exact_match, get_lr, load_run, optimizer_step, progress_line,
-                   resume_training, run_main, save_checkpoint, setup_device, setup_precision,
-                   training_state)
-from tokenizer import chat_tokens, read_conversations, refresh_built_in
+                   refresh_data_on_rank0, resume_training, run_main, save_checkpoint, setup_device,
+                   setup_precision, training_state)
+from tokenizer import chat_tokens, read_conversations
 #> L14 import
 import peft
 #< L14
@@ -312,11 +312,7 @@ def train(cfg):
         ckpt["model"] = model.state_dict()
     #< L14
     block_size = model.cfg.block_size
-    if ddp:  # rank 0 makes the built-in sets (or remakes stale ones) while the others wait
-        if master:
-            for path in [v for v in cfg.values() if isinstance(v, str) and v.endswith(".jsonl")]:
-                refresh_built_in(Path(path).parent)
-        dist.barrier()
+    refresh_data_on_rank0(cfg, ddp, master)
     train_set = load_conversations(cfg["data"], tok, block_size, log)
     val_set = load_conversations(cfg["val_data"], tok, block_size, log)
     model.train()

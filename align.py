@@ -48,7 +48,7 @@ import peft
 #> L11 align
 from model import (check_resume, exact_match, load_checkpoint, load_run, refresh_data_on_rank0,
                    resume_training, run_main, save_checkpoint, setup_device, setup_precision, training_state)
-from tokenizer import chat_end, read_conversations, refresh_built_in
+from tokenizer import chat_end, jsonl_rows, read_conversations, refresh_built_in
 
 # -----------------------------------------------------------------------------
 # Config: every key a run can set, with its default. A config file or
@@ -336,23 +336,19 @@ def read_preferences(path, tok, block_size, limit=None, log=print):
     line fails with its number. Pairs longer than the context are dropped, and counted."""
     refresh_built_in(Path(path).parent)  # data/dpo: made on first use, remade when stale
     pairs, too_long = [], 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if limit is not None and len(pairs) == limit:
-                break
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or not {"prompt", "chosen", "rejected"} <= row.keys():
-                    raise ValueError('expected a JSON object with keys "prompt", "chosen", "rejected"')
-                pair = encode_preference(tok, row)
-            except (ValueError, TypeError, KeyError, AttributeError) as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
-            if max(len(pair[0]), len(pair[2])) > block_size:
-                too_long += 1
-                continue
-            pairs.append(pair)
+    for n, row in jsonl_rows(path):
+        if limit is not None and len(pairs) == limit:
+            break
+        try:
+            if not isinstance(row, dict) or not {"prompt", "chosen", "rejected"} <= row.keys():
+                raise ValueError('expected a JSON object with keys "prompt", "chosen", "rejected"')
+            pair = encode_preference(tok, row)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        if max(len(pair[0]), len(pair[2])) > block_size:
+            too_long += 1
+            continue
+        pairs.append(pair)
     if not pairs:
         raise ValueError(f"{path} holds no pair that fits in {block_size} tokens")
     log(f"{path}: {len(pairs):,} pairs" + (f" ({too_long} longer than {block_size} tokens dropped)" if too_long else ""))

@@ -719,6 +719,22 @@ def _refresh(folder):
     subprocess.run([sys.executable, str(prepare), folder.name, "--out", str(folder), "--if_stale"], check=True)
 
 
+def jsonl_rows(path):
+    """(line number, value) for each non-blank line of a JSONL file. A line that is not
+    JSON fails with the file, its number and the column. subtle: parsed with its
+    newline, a line cut short would be reported as json's "line 2, column 1"."""
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a folder; give a .jsonl file (e.g. {Path(path) / 'train.jsonl'})")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # blank lines, e.g. a trailing one, carry nothing
+            try:
+                yield n, json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
 def read_conversations(path, tok=None):
     """Every conversation of a JSONL file as a list of messages, checked up front.
 
@@ -732,28 +748,24 @@ def read_conversations(path, tok=None):
     """
     refresh_built_in(Path(path).parent)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue  # blank lines, e.g. a trailing one, carry nothing
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                if "messages" in row:
-                    messages = row["messages"]
-                elif {"instruction", "output"} <= row.keys():
-                    messages = _alpaca(row)
-                else:
-                    raise ValueError(f"expected a \"messages\" list or Alpaca keys instruction/input/"
-                                     f"output, got keys {sorted(row)}")
-                if not isinstance(messages, list) or not messages:
-                    raise ValueError("\"messages\" must be a non-empty list")
-                for i in range(len(messages)):
-                    _check_message(messages, i, False)
-                out.append(messages if tok is None else tok.render_conversation(messages))
-            except (ValueError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
-                raise ValueError(f"{path}:{n}: {e}") from None
+    for n, row in jsonl_rows(path):
+        try:
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            if "messages" in row:
+                messages = row["messages"]
+            elif {"instruction", "output"} <= row.keys():
+                messages = _alpaca(row)
+            else:
+                raise ValueError(f"expected a \"messages\" list or Alpaca keys instruction/input/"
+                                 f"output, got keys {sorted(row)}")
+            if not isinstance(messages, list) or not messages:
+                raise ValueError("\"messages\" must be a non-empty list")
+            for i in range(len(messages)):
+                _check_message(messages, i, False)
+            out.append(messages if tok is None else tok.render_conversation(messages))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
     if not out:
         raise ValueError(f"{path} holds no conversations")
     return out

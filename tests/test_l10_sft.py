@@ -121,7 +121,8 @@ def test_tokenizer_without_chat_tokens_says_how_to_fix(byte_tok):
 
 
 @pytest.mark.parametrize("line, error", [
-    ("not json", "Expecting value"),
+    ("not json", "not valid JSON \\(Expecting value at column 1\\)"),
+    ('{"messages": ', "not valid JSON \\(Expecting value at column 14\\)"),  # json itself: "line 2"
     ('{"messages": [{"role": "user", "content": "hi"}]}', "must end with an assistant message"),
     ('{"messages": [{"role": "robot", "content": "hi"}]}', "unknown role"),
     ('{"prompt": "hi", "completion": "yo"}', "expected a \"messages\" list or Alpaca keys"),
@@ -136,6 +137,11 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, byte_tok, line, error):
     path.write_text(json.dumps({"messages": FACTS[0]}) + "\n\n" + line + "\n")
     with pytest.raises(ValueError, match=f"{path}:3: .*{error}"):
         read_conversations(path, byte_tok)
+
+
+def test_a_folder_for_a_jsonl_file_says_so(tmp_path):
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder; give a .jsonl file"):
+        read_conversations(tmp_path)
 
 
 def test_alpaca_lines_are_converted_on_read(tmp_path):

@@ -487,6 +487,10 @@ class CausalLM(nn.Module):
         leaves out the lookup tables (token, learned position), as scaling laws do;
         with tying, the output head's matrix goes with the token table."""
         n = sum(p.numel() for p in self.parameters())
+        #> L14 nf4-count
+        # QLoRA (peft.py) holds a frozen weight as packed 4-bit codes, a buffer: count its weights
+        n += sum(math.prod(m.weight_shape) for m in self.modules() if hasattr(m, "weight_shape"))
+        #< L14
         if not embeddings:
             n -= self.tok_emb.weight.numel()
             n -= self.pos_emb.weight.numel() if self.cfg.pos_emb == "learned" else 0
@@ -578,6 +582,12 @@ class CausalLM(nn.Module):
             ckpt = load_checkpoint(path / "ckpt.pt" if path.is_dir() else path, map_location=device)
         if "model_config" not in ckpt or "model" not in ckpt:
             raise ValueError(f"{path} is not a checkpoint written by pretrain.py or sft.py")
+        #> L12 not-a-generator
+        if ckpt.get("scalar_head"):  # its head scores text instead of predicting tokens
+            raise ValueError(f"{path} is a reward model (align.py config/reward.py), not a model that "
+                             "writes text: PPO reads it through --reward_init; chat with or tune the "
+                             "model it was trained from (out/sft)")
+        #< L12
         model = cls(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         return model.to(device).eval(), ckpt
@@ -894,6 +904,8 @@ def load_config(path, defaults, overrides=()):
             value = ast.literal_eval(text) if sep else True  # a bare --resume means True
         except (ValueError, SyntaxError):
             value = text  # a bare word: --dataset=shakespeare_char
+        if isinstance(value, str) and value.startswith("~"):  # the shell expands ~ only at a word's start,
+            value = str(Path(value).expanduser())  # not after --init=
         put(name, value, f"override {arg}")
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in cfg.items()))
     return cfg
@@ -929,7 +941,7 @@ def clip_grad_norm(params, max_norm):
 def choose_device(requested="auto"):
     """cuda > mps > cpu, and say why: the first line of every run's log."""
     if requested != "auto":
-        return torch.device(requested), f"{requested} (asked for)"
+        return torch.device(requested), f"{requested} (the config's device)"
     if torch.cuda.is_available():
         return torch.device("cuda"), f"cuda ({torch.cuda.get_device_name()})"
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -941,7 +953,7 @@ def choose_dtype(device, requested="auto"):
     """Mixed-precision choice: bf16 where the hardware computes it natively, fp16 (+ loss
     scaling) on older GPUs, fp32 otherwise. Returns (dtype, reason)."""
     if requested != "auto":
-        return getattr(torch, requested), f"{requested} (asked for)"
+        return getattr(torch, requested), f"{requested} (the config's dtype)"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "bf16 autocast (GPU supports bf16)"
@@ -972,9 +984,10 @@ def save_checkpoint(path, state):
 def load_checkpoint(path, map_location="cpu"):
     """Load with weights_only=True: tensors and plain Python values only, so a
     checkpoint from elsewhere cannot execute code when loaded."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"no checkpoint at {path}; train one first (python pretrain.py "
-                                "config/tiny.py) or pass the right --out_dir")
+    if not Path(path).exists():  # the option that named the path may be any of several
+        raise FileNotFoundError(f"no checkpoint at {path}; train one first (python pretrain.py config/tiny.py "
+                                "writes out/tiny, sft.py config/sft.py out/sft) or point the option that "
+                                "named it (--init, --reward_init, --ckpt) at a run folder holding ckpt.pt")
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -1107,7 +1120,8 @@ def run_main(script, defaults, train, argv):
             traceback.print_exc()
             shutdown(1)
         raise
-    print(f"done: step {result['step']}, val loss {result.get('val_loss')}")
+    val = result.get("val_loss")  # align.py's methods report their own held-out numbers instead
+    print(f"done: step {result['step']}" + (f", val loss {val:.4f}" if val is not None else ""))
     if dist.is_initialized():
         shutdown(0)
     return result
@@ -1188,8 +1202,6 @@ def load_hf_run(path, device="cpu", dtype=None):
                          f"{model.cfg.vocab_size} embedding rows; the files are from different models")
     chat = tok.chat_format is not None and bool(hf_chat_template(path))
     return model, tok, {"model_config": dict(model.cfg.__dict__), "tokenizer": tok.state(), "chat": chat}
-#< L10
-#> L10 chat-plumbing
 
 
 # -----------------------------------------------------------------------------

@@ -209,9 +209,7 @@ def lora_parameters(model):
 
 def base_param_count(model):
     """Parameters of the base model under the adapters (its NF4 weights included)."""
-    trained = {id(p) for p in lora_parameters(model)}
-    n = sum(p.numel() for p in model.parameters() if id(p) not in trained)
-    return n + sum(math.prod(m.weight_shape) for _, m in lora_modules(model) if isinstance(m, QLoRALinear))
+    return model.num_params() - sum(p.numel() for p in lora_parameters(model))
 
 
 def lora_state_dict(model):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import align
-from model import CausalLM, ModelConfig
+from model import CausalLM, ModelConfig, load_run
 from test_l11_dpo import run_cfg, tiny_run  # noqa: F401 (a fixture, shared)
 
 
@@ -252,4 +252,6 @@ def test_reward_then_ppo_commands_run_end_to_end(tiny_run, tmp_path, rm_nll_coef
     assert (tmp_path / "ppo" / "curves.png").exists() and "critic" in torch.load(tmp_path / "ppo" / "ckpt.pt")
     with pytest.raises(ValueError, match="not a reward model"):
         align.load_reward_model(root / "sft", "cpu")
+    with pytest.raises(ValueError, match="is a reward model .*not a model that writes text"):
+        load_run(tmp_path / "reward")  # chat.py, eval.py or --init=out/reward: one clear line
 #< L12

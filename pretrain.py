@@ -95,7 +95,9 @@ def ensure_data(cfg):
     if not (folder / "meta.json").exists():
         print(f"{folder} is missing: preparing it with data/prepare.py (once)")
         script = Path(__file__).resolve().parent / "data" / "prepare.py"
-        subprocess.run([sys.executable, str(script), cfg["dataset"], "--out", str(folder)], check=True)
+        if subprocess.run([sys.executable, str(script), cfg["dataset"], "--out", str(folder)]).returncode:
+            raise FileNotFoundError(f"{folder} could not be prepared (the reason is above); with the text at "
+                                    f"hand: python data/prepare.py {cfg['dataset']} --source FILE --out {folder}")
     return folder, json.loads((folder / "meta.json").read_text())
 
 

@@ -359,6 +359,9 @@ def test(repo, numbers, worktree, exercise, slow):
     """Run each lesson's tests in a fresh render; an exercise render must fail its own."""
     files = read_tree(repo, worktree)
     known = lessons_of(files)
+    if unknown := sorted(set(numbers) - set(known)):  # lesson 99 would quietly run the whole of main
+        raise MarkerError(f"no lesson {', '.join(map(str, unknown))}: the lessons are "
+                          f"{min(known)}-{max(known)} (the headings of lessons.md)")
     shared = os.environ.get("INTRO2LLM_SHARED", str(Path(repo).resolve().parent / "shared"))
     ok = True
     print(f"{'lesson':<12}{'result':<10}{'passed':>7}{'failed':>7}{'skipped':>8}{'seconds':>9}")
@@ -413,6 +416,9 @@ def main(argv):
     ap.add_argument("--worktree", action="store_true", help="read the work tree, not main")
     ap.add_argument("--exercise", action="store_true", help="test: the lessonNN-ex renders")
     ap.add_argument("--slow", action="store_true", help="test: include @pytest.mark.slow tests")
+    if not argv:  # argparse would ask for "command, lessons", though only test takes lessons
+        ap.print_help()
+        return 2
     args = ap.parse_args(argv)
     repo = git(".", "rev-parse", "--show-toplevel").decode().strip()
     try:

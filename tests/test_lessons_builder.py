@@ -237,6 +237,9 @@ def test_builder_runs_each_lessons_tests_and_exercises_fail_their_own(toy):
     Path(toy, "tests/test_l03_shout.py").write_text("import a\ndef test_shout():\n    assert 0\n")
     res = lessons(toy, "test", "3", "--worktree")
     assert res.returncode == 1 and "lesson03" in res.stdout and "FAILED" in res.stdout
+    res = lessons(toy, "test", "2", "9")  # no lesson 9: an error, not a run of all of main
+    assert res.returncode == 1 and "no lesson 9: the lessons are 1-3" in res.stderr, res.stderr
+    assert "lesson02" not in res.stdout
 
 
 def test_lessons_whose_code_did_not_change_are_not_rerun(tmp_path):

@@ -5,7 +5,8 @@ dataset = "storyworld"
 out_dir = "out/tiny"
 model = "tiny"
 # 256, not 128: lesson 10 fine-tunes this model on a whole story (up to 121 tokens) with its
-# questions and answers in the chat template (up to 256 tokens), which must fit one context.
+# questions and answers in the chat template, which must fit one context (sft.py drops, and
+# counts, the 8% of conversations longer than that: six questions about the longest stories).
 block_size = 256
 # Many small steps beat few big ones on a fixed 5-minute budget: with batch 16 x 1,500 steps
 # (128-token rows) val loss ends at 0.68 and names drift; with 3,000 steps the model learns, by

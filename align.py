@@ -111,7 +111,7 @@ DEFAULTS.update(
 #< L12
 #> L13 config
 DEFAULTS.update(
-    eps_high=0.2,  # DAPO's clip-higher: the upper clip 1 + eps_high (default = clip_eps)
+    eps_high=0.2,  # DAPO's clip-higher: the upper clip 1 + eps_high (0.2, as clip_eps: symmetric)
     mu=1,  # GRPO update passes over each batch of rollouts (1: on-policy, ratio 1)
     loss_agg="grpo",  # "grpo" (per sequence), "dapo" (per token), "dr_grpo" (constant)
     adv_scale="group",  # "group" (std of the group), "batch", "none" (Dr. GRPO)
@@ -970,7 +970,8 @@ def grpo_iteration(policy, ref, examples, reward_fn, optimizer, cfg, eos_id, gen
         old_logp = token_logprobs(policy, ids) * mask
         ref_logp = token_logprobs(ref, ids) * mask  # also at beta = 0: the KL is still measured
     stats = []
-    for _ in range(cfg["mu"]):  # mu = 1: the one update sees ratio = 1, purely on-policy
+    for _ in range(cfg["mu"]):  # mu = 1 in one minibatch: ratio = 1, purely on-policy; a second
+        # minibatch of the same pass already sees a policy one step newer (clipped where it moved)
         order = torch.randperm(len(ids), generator=generator)
         for mb in order.split(cfg["minibatch_size"]):
             logp = token_logprobs(policy, ids[mb])

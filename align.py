@@ -132,14 +132,16 @@ DEFAULTS.update(
 # Sequence log-probabilities: how likely the model finds an answer
 
 
-def token_logprobs(model, ids):
+def token_logprobs(model, ids, logits=None):
     """log p(ids[:, t+1] | ids[:, :t+1]) for every position: (B, T) -> (B, T-1), fp32.
 
     Entry j is the log-probability of token j+1, read from the logits at
     position j: everything in this file indexed (B, T-1) means "the action
-    ids[:, j+1] taken in the state ids[:, :j+1]".
+    ids[:, j+1] taken in the state ids[:, :j+1]". logits: those (B, T-1, V)
+    when the caller has them already (the reward model's kept unembedding).
     """
-    logits, _ = model(ids[:, :-1])  # (B, T-1, V): the last position predicts nothing we have
+    if logits is None:
+        logits, _ = model(ids[:, :-1])  # (B, T-1, V): the last position predicts nothing we have
     # subtle: log_softmax in fp32. In bf16 a log-probability of -0.01 has ~2 significant
     # digits, and DPO subtracts two sums of hundreds of them.
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, T-1, V)
@@ -796,8 +798,7 @@ def setup_reward(policy, tok, cfg, device, log):
         # The chosen half: -log p of each answer token, mean over all of them in the batch
         # (DPO's RPO term averages per answer first; for 2-10 token answers they differ little).
         if cfg["rm_nll_coef"]:
-            logp = F.log_softmax(out[:len(idx), :-1, 1:].float(), -1)  # (b, T-1, V), fp32 as token_logprobs
-            logp = logp.gather(-1, ids[:len(idx), 1:, None]).squeeze(-1)  # (b, T-1)
+            logp = token_logprobs(rm, ids[:len(idx)], logits=out[:len(idx), :-1, 1:])  # (b, T-1)
             loss = loss - cfg["rm_nll_coef"] * masked_mean(logp, mask[:len(idx), 1:])
         update(optimizer, loss, cfg["grad_clip"])
         return {"loss": loss.item(), "acc": (rc > rr).float().mean().item(), "margin": (rc - rr).mean().item()}

@@ -165,8 +165,6 @@ def test_reward_model_nll_term_is_the_chosen_answers_cross_entropy(tiny_run, tmp
     """keep_lm: the score is a new row in front of the unembedding, which is kept as it
     was; the first step's loss is ln 2 (both scores 0) plus the coefficient times the
     mean cross-entropy of the chosen answers' tokens under the SFT model."""
-    from model import load_run
-
     root, tok = tiny_run
     cfg = run_cfg(root, tmp_path, method="reward", rm_nll_coef=0.5)
     policy = load_run(root / "sft", "cpu")[0]

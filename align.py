@@ -46,8 +46,9 @@ import torch.nn.functional as F
 import peft
 #< L14
 #> L11 align
-from model import (check_resume, exact_match, load_checkpoint, load_run, refresh_data_on_rank0,
-                   resume_training, run_main, save_checkpoint, setup_device, setup_precision, training_state)
+from run import (check_resume, exact_match, load_checkpoint, load_run, refresh_data_on_rank0,
+                 resume_training, run_main, save_checkpoint, setup_device, setup_precision,
+                 training_state)
 from tokenizer import chat_end, jsonl_rows, read_conversations, refresh_built_in
 
 # -----------------------------------------------------------------------------

@@ -341,7 +341,8 @@ def bench_sft():
     import torch
 
     import sft
-    from model import CausalLM, ModelConfig, setup_precision
+    from model import CausalLM, ModelConfig
+    from run import setup_precision
     from tokenizer import BPETokenizer
 
     root = Path(__file__).resolve().parent / "data"

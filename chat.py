@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from model import load_run
+from run import load_run
 from tokenizer import decode_stream
 
 
@@ -96,7 +96,7 @@ def chat_loop(model, tok, settings, generator, interactive):
     oldest whole turns (a question with its answer) are dropped. Returns at the
     end of input.
     """
-    from model import chat_stream  # lesson 10's: imported here, where chat mode begins
+    from run import chat_stream  # lesson 10's: imported here, where chat mode begins
     # The model has no memory between calls: the "conversation" is this list, rendered
     # anew for every reply, so /reset and trimming are just edits to a Python list.
     chat = {"system": "", "history": []}

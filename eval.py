@@ -36,10 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import load_run
+from run import load_run
 from tokenizer import decode_stream
 #> L10 chat-tasks
-from model import exact_match as chat_exact_match  # through the chat template (lesson 10)
+from run import exact_match as chat_exact_match  # through the chat template (lesson 10)
 from tokenizer import read_conversations
 #< L10
 

@@ -40,7 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CausalLM, hf_weight_map, is_hf_folder, preset, read_safetensors, write_safetensors
+from model import CausalLM, preset
+from hf import hf_weight_map, is_hf_folder, read_safetensors, write_safetensors
 
 # -----------------------------------------------------------------------------
 # LoRA: a trainable low-rank update beside a frozen matrix

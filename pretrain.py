@@ -32,11 +32,11 @@ from tokenizer import load_tokenizer
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# The loop's plumbing (lesson 07's lr schedule and clipping included) lives in model.py:
+# The loop's plumbing (lesson 07's lr schedule and clipping included) lives in run.py:
 # sft.py and align.py run the same loop.
-from model import (check_resume, get_lr, load_checkpoint, optimizer_step, progress_line,
-                   resume_training, run_main, save_checkpoint, setup_device, setup_precision,
-                   training_state)
+from run import (check_resume, get_lr, load_checkpoint, optimizer_step, progress_line,
+                 resume_training, run_main, save_checkpoint, setup_device, setup_precision,
+                 training_state)
 #< L08
 
 # -----------------------------------------------------------------------------
@@ -329,7 +329,7 @@ def train(cfg):
     log = print if master else (lambda *a, **k: None)
     # autocast runs matmuls in bf16/fp16 and keeps precision-sensitive ops (softmax, norms,
     # the loss) in fp32; the weights and the optimizer stay fp32 throughout. With fp16 the
-    # scaler multiplies the loss so small gradients do not underflow (model.setup_precision).
+    # scaler multiplies the loss so small gradients do not underflow (run.setup_precision).
     autocast, scaler, precision = setup_precision(device, cfg["dtype"])
     log(f"device: {why}; precision: {precision}")
 
@@ -391,7 +391,7 @@ def train(cfg):
             if ddp:  # the loss of the whole step, not just this rank's share (for logs)
                 dist.all_reduce(loss)  # a sum (gloo has no AVG): divide by the process count
                 loss /= world
-            # model.optimizer_step, shared with sft.py and align.py: stop on a NaN/inf loss
+            # run.optimizer_step, shared with sft.py, align.py and rl.py: stop on a NaN/inf loss
             # before it reaches a checkpoint, unscale (fp16), clip the global gradient norm
             # (lesson 07), step, and free the gradients (set to None, not zeroed).
             norm = optimizer_step(raw, optimizer, scaler, loss, cfg["grad_clip"], step, ckpt_path)
@@ -416,7 +416,7 @@ def train(cfg):
                     log(f"step {step}: val loss {history['val_loss']:.4f}\n--- sample ---\n"
                         f"{sample_text(raw, tok, meta, cfg, device)}\n--------------")
                 # A checkpoint at every eval: a crash or a pre-empted machine loses at most
-                # eval_interval steps, and the file is written atomically (model.save_checkpoint).
+                # eval_interval steps, and the file is written atomically (run.save_checkpoint).
                 checkpoint()
             if master and history.get("step") == step:  # one JSON line per logged step
                 logfile.write(json.dumps(history) + "\n")

@@ -18,7 +18,7 @@ The chapter: conversations -> (ids, mask) -> batches, padded to the longest
 conversation or packed several to a row (with attention kept inside each
 conversation); exact match before and after on held-out stories; the loop,
 with checkpoints and resume as in pretrain.py, whose plumbing it shares
-through model.py.
+through run.py.
 """
 
 import json
@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (check_resume, exact_match, get_lr, load_run, optimizer_step, progress_line,
-                   refresh_data_on_rank0, resume_training, run_main, save_checkpoint, setup_device,
-                   setup_precision, training_state)
+from run import (check_resume, exact_match, get_lr, load_run, optimizer_step, progress_line,
+                 refresh_data_on_rank0, resume_training, run_main, save_checkpoint,
+                 setup_device, setup_precision, training_state)
 from tokenizer import chat_tokens, read_conversations
 #> L14 import
 import peft

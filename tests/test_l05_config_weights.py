@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from model import (PRESETS, CausalLM, ModelConfig, preset, read_safetensors, write_safetensors)
+from model import CausalLM, ModelConfig, PRESETS, preset
+from hf import read_safetensors, write_safetensors
 
 
 @pytest.mark.parametrize("kw, message", [

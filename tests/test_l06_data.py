@@ -12,7 +12,7 @@ import torch
 
 import prepare
 import storyworld
-from model import load_config
+from run import load_config
 from pretrain import Batches
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import clip_grad_norm, get_lr
+from run import clip_grad_norm, get_lr
 from pretrain import AdamW, Lion, cross_entropy, param_groups
 
 from conftest import run_doctests

@@ -15,7 +15,8 @@ import torch
 
 import prepare
 import pretrain
-from model import load_checkpoint, save_checkpoint, sdpa_attention
+from model import sdpa_attention
+from run import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

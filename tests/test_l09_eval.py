@@ -203,7 +203,7 @@ def test_a_run_folder_works_wherever_it_is_copied(ckpt, tmp_path, capsys):
     checkpoint that stored the tokenizer's path still loads while that file exists."""
     import shutil
 
-    from model import load_checkpoint, load_run, save_checkpoint
+    from run import load_checkpoint, load_run, save_checkpoint
 
     moved = shutil.copytree(ckpt, tmp_path / "moved")
     data = ckpt.parent / "data"

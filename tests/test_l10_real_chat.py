@@ -14,7 +14,7 @@ import torch
 
 import eval as E
 import sft
-from model import chat_reply, load_run
+from run import chat_reply, load_run
 from test_l01_tokenizer import QWEN2_SPLIT, hf_tokenizer
 from tokenizer import GPT4_SPLIT_PATTERN, chat_end, load_tokenizer
 

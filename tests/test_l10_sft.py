@@ -17,8 +17,8 @@ import chat as C
 import eval as E
 import sft
 import storyworld
-from model import (CausalLM, ModelConfig, exact_match, packed_positions, save_checkpoint, training_state,
-                   wilson_interval)
+from model import CausalLM, ModelConfig, packed_positions
+from run import exact_match, save_checkpoint, training_state, wilson_interval
 from tokenizer import CHAT_TOKENS, BPETokenizer, _alpaca, read_conversations
 
 from conftest import run_doctests

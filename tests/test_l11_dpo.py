@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import align
-from model import CausalLM, ModelConfig, load_run
+from model import CausalLM, ModelConfig
+from run import load_run
 
 
 def tiny_model(seed=0, vocab=16):
@@ -229,7 +230,7 @@ def test_tiny_dpo_ranks_every_chosen_answer_first():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny chat-capable run folder: BPE with the chat tokens, a 2-layer model."""
-    from model import save_checkpoint
+    from run import save_checkpoint
     from tokenizer import CHAT_TOKENS, BPETokenizer
 
     root = tmp_path_factory.mktemp("run")

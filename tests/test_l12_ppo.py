@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import align
-from model import CausalLM, ModelConfig, load_run
+from model import CausalLM, ModelConfig
+from run import load_run
 from test_l11_dpo import run_cfg, tiny_run  # noqa: F401 (a fixture, shared)
 
 

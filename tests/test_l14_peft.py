@@ -17,7 +17,8 @@ import torch
 
 import peft as P
 import sft
-from model import CausalLM, ModelConfig, exact_match, load_checkpoint, save_checkpoint
+from model import CausalLM, ModelConfig
+from run import exact_match, load_checkpoint, save_checkpoint
 from conftest import run_doctests
 from test_l10_sft import FACTS, base, sft_config  # noqa: F401 (base is a fixture)
 from test_l11_dpo import run_cfg, tiny_run  # noqa: F401 (tiny_run is a fixture)

@@ -12,7 +12,7 @@ import torch
 
 import peft as P
 import sft
-from model import load_checkpoint, load_run
+from run import load_checkpoint, load_run
 from test_l10_real_chat import ROOT, make_hf_folder
 from test_l10_sft import sft_config
 from test_l14_peft import needs_peft

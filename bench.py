@@ -3,6 +3,7 @@ bench.py -- the performance table: measured numbers, never timed unit tests.
 
     python bench.py                 # every section
     python bench.py tokenizer       # one section
+    python bench.py quant           # bytes per weight in fp32 .. NF4; NF4 beside bitsandbytes
     python bench.py train --vs-nanogpt ../nanoGPT   # beside a nanoGPT checkout, its CPU recipe
 
 Machines are shared and noisy, so each figure is the median of several runs,
@@ -12,9 +13,13 @@ the issue tracker) and are printed beside ours.
 """
 
 import argparse
+import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -177,9 +182,7 @@ def bench_gpt2_step():
     """One AdamW step of the GPT-2 124M shape at batch 4 x 256 on one thread, fp32 and bf16
     autocast, each in a child process (its peak memory, ru_maxrss, is its own); MFU
     against this core's matmul peak in the same precision, measured first."""
-    import json
     import resource
-    import subprocess
 
     print("GPT-2 124M shape, train step 4 x 256 (fwd + bwd + AdamW), CPU, 1 thread")
     for name, bf16 in (("float32", False), ("bfloat16", True)):
@@ -198,8 +201,6 @@ def bench_decode():
     """Greedy decoding on a Qwen3-0.6B-shaped model with random weights (no download):
     ours in bf16 and fp32 beside transformers' generate in fp32 on the same weights,
     one thread each, alternating, the same number of new tokens."""
-    import tempfile
-
     import torch
     import transformers as tf
 
@@ -243,8 +244,6 @@ NANOGPT_RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile
 def per_iteration_ms(program, cwd, args, threads, skip=20):
     """Median milliseconds per iteration of one training run in a child process, from its
     own per-iteration log, after the first `skip` iterations (warm-up, the first eval)."""
-    import json
-
     # subtle: OpenMP threads spin while they wait; on a 2-core machine that other jobs share,
     # a second thread then waits for a core at every parallel op (~8 ms each, measured), and
     # a step of hundreds of small ops takes seconds. PASSIVE makes waiting threads sleep.
@@ -267,9 +266,6 @@ def bench_train(nanogpt=None, iters=300, runs=3, threads=(1, 2)):
     a nanoGPT checkout, its train.py with its README's CPU command, alternately, on the same
     text, `iters` iterations per run, each in a child process with OMP_NUM_THREADS set.
     Everything runs in a temporary folder: nothing of nanoGPT enters this project."""
-    import shutil
-    import tempfile
-
     text = SHARED / "data" / "tinyshakespeare.txt"
     if not text.exists():
         print(f"  skipped: {text} not found (the course's shared data folder)")
@@ -321,8 +317,6 @@ def bench_train(nanogpt=None, iters=300, runs=3, threads=(1, 2)):
 
 def run_checked(cmd, cwd, env=None):
     """stdout of a child process; if it fails, stop with the tail of what it printed."""
-    import subprocess
-
     run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if run.returncode:
         sys.exit(f"{' '.join(map(str, cmd))} failed:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
@@ -383,6 +377,120 @@ def bench_sft():
 
 SECTIONS["sft"] = bench_sft
 #< L10
+#> L14 bench-quant
+# -----------------------------------------------------------------------------
+# Quantization: what each storage format costs; NF4 beside bitsandbytes (lesson 14)
+
+
+def format_bytes(n, fmt, blocksize=None):
+    """Bytes to store n weights of one tensor in a format, its constants included.
+
+    int8 and nf4 keep one fp32 absmax per block of 64 (blocksize: peft.NF4_BLOCK);
+    nf4+dq keeps one byte per block plus an fp32 per 256 blocks and the fp32 mean.
+    >>> [format_bytes(4096, f) for f in ("fp32", "bf16", "int8", "nf4", "nf4+dq")]
+    [16384, 8192, 4352, 2304, 2120]
+    """
+    from peft import DQ_BLOCK, NF4_BLOCK
+
+    blocks = -(-n // (blocksize or NF4_BLOCK))
+    return {"fp32": 4 * n, "bf16": 2 * n, "int8": n + 4 * blocks, "nf4": (n + 1) // 2 + 4 * blocks,
+            "nf4+dq": (n + 1) // 2 + blocks + 4 * -(-blocks // DQ_BLOCK) + 4}[fmt]
+
+
+def memory_table(cfg):
+    """Rows (format, bits per Linear weight, total bytes) for a model built on the meta device.
+
+    As QLoRA does: the Linear layers of the blocks take the format; the
+    embedding (tied output head) and the norms stay in bf16 (fp32 in the fp32 row).
+    """
+    import torch
+
+    from model import CausalLM
+    from peft import linear_names
+
+    with torch.device("meta"):  # shapes only: no memory, works for a 0.6B model
+        model = CausalLM(cfg)
+    linear = [p.numel() for n in linear_names(model) for p in [model.get_submodule(n).weight]]
+    rest = model.num_params() - sum(linear)
+    rows = []
+    for fmt in ("fp32", "bf16", "int8", "nf4", "nf4+dq"):
+        quantized = sum(format_bytes(n, fmt) for n in linear)
+        rows.append((fmt, 8 * quantized / sum(linear), quantized + rest * (4 if fmt == "fp32" else 2)))
+    return rows, sum(linear), rest
+
+
+def run_outside_repo(code, workdir, timeout=300):
+    """Run `python -c code` with cwd=workdir and no PYTHONPATH, so `import peft` and
+    `import kernels` find the installed libraries, not this folder's files. Returns stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TORCHDYNAMO_DISABLE"] = "1"  # bitsandbytes' CPU fallback would torch.compile per shape
+    res = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    if res.returncode:
+        raise RuntimeError(f"subprocess failed:\n{res.stderr[-2000:]}")
+    return res.stdout
+
+
+BNB_ROUNDTRIP = """
+import torch, bitsandbytes.functional as bnbf
+W = torch.load("W.pt", weights_only=True)
+for dq in (False, True):
+    p, s = bnbf.quantize_4bit(W, quant_type="nf4", compress_statistics=dq)
+    torch.save({"packed": p.reshape(-1), "W": bnbf.dequantize_4bit(p, s)}, f"bnb_{int(dq)}.pt")
+"""
+
+
+def nf4_error_report(seed=0):
+    """Round-trip error of NF4 (and NF4 + DQ) on a 256x256 N(0, 1) matrix; bitsandbytes' beside."""
+    import torch
+
+    from peft import nf4_dequantize, nf4_quantize
+
+    W = torch.randn(256, 256, generator=torch.Generator().manual_seed(seed))
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(W, Path(tmp) / "W.pt")
+        try:
+            run_outside_repo(BNB_ROUNDTRIP, tmp)
+            theirs = [torch.load(Path(tmp) / f"bnb_{i}.pt", weights_only=True) for i in (0, 1)]
+        except RuntimeError as e:
+            theirs = None
+            lines.append(f"(bitsandbytes not run: {str(e).strip().splitlines()[-1]}; "
+                         "pip install -r requirements-dev.txt)")
+    for dq in (False, True):
+        packed, state = nf4_quantize(W, double_quant=dq)
+        err = nf4_dequantize(packed, state) - W
+        text = f"{'nf4+dq' if dq else 'nf4':<7} ours  rmse {err.pow(2).mean().sqrt():.5f}  max {err.abs().max():.4f}"
+        if theirs:
+            e2 = theirs[dq]["W"] - W
+            same = torch.equal(theirs[dq]["packed"], packed) and torch.equal(theirs[dq]["W"], W + err)
+            text += f"  | bitsandbytes rmse {e2.pow(2).mean().sqrt():.5f}  max {e2.abs().max():.4f}"
+            text += f"  | bit-identical: {same}"
+        lines.append(text)
+    return lines
+
+
+def bench_quant():
+    """NF4's 16 values; bytes per format for tiny and Qwen3-0.6B; NF4's round-trip error."""
+    from model import preset
+    from peft import NF4_CODE
+
+    print("NF4 code (Phi^-1 quantiles, scaled to [-1, 1]):")
+    print("  " + " ".join(f"{v:+.4f}" for v in NF4_CODE.tolist()))
+    for name in ("tiny", "qwen3-0.6b"):
+        rows, n_linear, n_rest = memory_table(preset(name))
+        print(f"\n{name}: {n_linear:,} Linear weights in the blocks + {n_rest:,} others "
+              "(embedding, norms: bf16)")
+        print(f"  {'format':<8}{'bits/weight':>12}{'total':>14}")
+        for fmt, bits, total in rows:
+            print(f"  {fmt:<8}{bits:>12.3f}{total / 2**20:>11.2f} MiB")
+    print("\nNF4 round trip, 256x256 N(0,1) matrix (seed 0):")
+    for line in nf4_error_report():
+        print("  " + line)
+
+
+SECTIONS["quant"] = bench_quant
+#< L14
 #> L15 bench-attention
 # -----------------------------------------------------------------------------
 # Attention: time and memory against T (lesson 15)
@@ -395,7 +503,6 @@ def attention_point(impl, T, B=1, nh=8, hs=64):
     prints `seconds peak_MiB` as JSON. Memory is what the call adds on top of its inputs: on a
     CPU the peak resident set (ru_maxrss) minus the one before the first call; on CUDA torch's
     max_memory_allocated minus memory_allocated before it."""
-    import json
     import resource
 
     import torch
@@ -439,9 +546,6 @@ def bench_attention(Ts=(256, 512, 1024, 2048, 4096, 8192)):
     """Causal attention, forward + backward, B=1, 8 heads, head size 64, fp32: naive (model.py),
     SDPA (PyTorch's fused kernel) and ours (kernels.flash_attention; + the Triton kernel on CUDA).
     Each point runs in its own process so that its peak memory is its own."""
-    import json
-    import subprocess
-
     import torch
 
     cuda = torch.cuda.is_available()

@@ -16,20 +16,7 @@ import sys
 
 import torch
 
-from run import load_run
-from tokenizer import decode_stream
-
-
-def stream_text(model, tok, ids, settings, generator):
-    """Yield text pieces of the continuation of `ids` as tokens arrive."""
-    # A base model was trained on documents ending in <|endoftext|>: when it writes one, the
-    # story is over and so is the reply (a character tokenizer has no such token: None).
-    eot = getattr(tok, "special_tokens", {}).get("<|endoftext|>")
-    # Positions past block_size were never trained: keep only the newest block_size tokens.
-    tokens = model.stream(torch.tensor([ids[-model.cfg.block_size:]]), settings["len"],
-                          temperature=settings["temp"], top_k=settings["topk"],
-                          top_p=settings["topp"], eos_id=eot, generator=generator)
-    return decode_stream(tok, tokens, stop_ids={eot})
+from run import load_run, stream_text
 
 
 def command(line, settings, chat=None):
@@ -85,7 +72,7 @@ def fit_context(tok, chat, block_size, room):
 
 
 def chat_loop(model, tok, settings, generator, interactive):
-    """Chat mode (lesson 10): a checkpoint from sft.py or align.py opens a chat.
+    """Chat mode (lesson 10): a checkpoint from sft.py, align.py or rl.py opens a chat.
 
         python chat.py out/sft
 
@@ -191,7 +178,11 @@ def main(argv=None):
         # Echo the beginning, then print each piece the moment it is decoded: flush, or
         # the terminal would hold the text in its buffer until the whole answer is done.
         print(line, end="", flush=True)
-        for piece in stream_text(model, tok, ids, settings, generator):
+        # A base model was trained on documents ending in <|endoftext|>: when it writes one, the
+        # story is over and so is the reply (a character tokenizer has no such token: None).
+        eot = getattr(tok, "special_tokens", {}).get("<|endoftext|>")
+        for piece in stream_text(model, tok, ids, settings["len"], eot, (), settings["temp"], settings["topk"],
+                                 settings["topp"], generator):
             print(piece, end="", flush=True)
         print(flush=True)
 

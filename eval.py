@@ -34,12 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from run import load_run
-from tokenizer import decode_stream
+from run import load_run, stream_text, token_logprobs
 #> L10 chat-tasks
-from run import exact_match as chat_exact_match  # through the chat template (lesson 10)
+from run import chat_exact_match  # through the chat template (lesson 10)
 from tokenizer import read_conversations
 #< L10
 
@@ -56,15 +54,8 @@ def progress(done, total, label):
 # Perplexity and bits per byte
 
 
-@torch.no_grad()
-def token_logprobs(model, x, y):
-    """log p(y_t | x_<=t) for every position: x, y (B, T) -> (B, T); y == -1 gives 0."""
-    logits, _ = model(x)
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != -1)
-
-
 #> L09 perplexity exercise
+@torch.no_grad()
 def perplexity(model, ids, stride=None, tok=None):
     """Perplexity of a token stream, scoring every token after the first exactly once.
 
@@ -89,7 +80,7 @@ def perplexity(model, ids, stride=None, tok=None):
         x, y = ids[begin:end].clone(), ids[begin + 1:end + 1].clone()
         seen = max(prev_end - begin, 0)  # targets 0..seen-1 were scored by an earlier window
         y[:seen] = -1
-        nll -= token_logprobs(model, x[None], y[None]).sum().item()
+        nll -= token_logprobs(model(x[None])[0], y[None]).sum().item()  # y == -1 scores 0
         scored += len(y) - seen
         prev_end = end
         progress(end, len(ids) - 1, "perplexity tokens")
@@ -108,6 +99,7 @@ def perplexity(model, ids, stride=None, tok=None):
 # Multiple choice by log-likelihood
 
 
+@torch.no_grad()
 def score_options(model, tok, context, options):
     """Log-probability of each option as a continuation of context: (sum, per-token mean).
 
@@ -126,7 +118,7 @@ def score_options(model, tok, context, options):
         ids = (ctx + cont)[-(model.cfg.block_size + 1):]  # keep the end: the option must fit
         x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
         y[0, : len(ids) - 1 - len(cont)] = -1  # score only the option's tokens
-        lp = token_logprobs(model, x, y).sum().item()
+        lp = token_logprobs(model(x)[0], y).sum().item()
         scores.append((lp, lp / len(cont)))
     return scores
 
@@ -352,20 +344,19 @@ def evaluate_passk(sample, problems, n, ks, timeout=5.0):
 @torch.no_grad()
 def complete(model, tok, prompt, max_new_tokens=40, temperature=0.0, generator=None, stop="\n"):
     """Generate after prompt until `stop` or end of text; return the new text only."""
-    ids = tok.encode(prompt)[-model.cfg.block_size // 2:]
+    ids = tok.encode(prompt)[-model.cfg.block_size // 2:]  # room left for the answer
     eot = getattr(tok, "special_tokens", {}).get("<|endoftext|>")
-    tokens = model.stream(torch.tensor([ids]), max_new_tokens, temperature=temperature,
-                          eos_id=eot, generator=generator)
     text = ""
-    for piece in decode_stream(tok, tokens, stop_ids={eot}):
+    for piece in stream_text(model, tok, ids, max_new_tokens, eot, (), temperature, generator=generator):
         text += piece
         if stop and stop in text:
             return text[: text.index(stop)]
     return text
 
 
-def exact_match(model, tok, pairs):
-    """Greedy answers, compared after stripping spaces and case."""
+def completion_exact_match(model, tok, pairs):
+    """A base model's greedy completions of (prompt ending in "Answer:", answer) pairs,
+    compared after stripping spaces and case (a chat model: run.chat_exact_match)."""
     right = 0
     for i, (prompt, answer) in enumerate(pairs):
         right += complete(model, tok, prompt).strip().lower() == answer.strip().lower()
@@ -421,13 +412,16 @@ def main(argv=None):
     ap.add_argument("--dev", help="mc: MMLU dev csv for k-shot examples")
     ap.add_argument("--shots", type=int, default=0)
     ap.add_argument("--stride", type=int)
-    ap.add_argument("--n", type=int, default=10, help="passk: samples per problem")
+    ap.add_argument("--n", type=int, help="passk: samples per problem (default 10)")
     ap.add_argument("--k", type=int, nargs="+", default=[1, 5])
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--limit", type=int, default=200, help="items per built-in task")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="bfloat16: half the memory (a Hugging Face model on a laptop)")
     args = ap.parse_args(argv)
+    if args.n is not None and {"story", "arith"} & set(args.task):  # their count is --limit
+        sys.exit(f"eval.py: --n is pass@k's samples per problem; the story and arith tasks take "
+                 f"--limit (questions, now {args.limit}) instead")
     sys.path.insert(0, str(HERE / "data"))  # the built-in tasks live in data/storyworld.py
     try:
         model, tok, ckpt = load_run(args.ckpt, dtype=getattr(torch, args.dtype))
@@ -461,14 +455,14 @@ def main(argv=None):
             else:
                 problems = read_problems(args.file or HERE / "data" / "problems.jsonl")
             sample = lambda p: complete(model, tok, p, 128, args.temperature, gen, stop=None)
-            result = evaluate_passk(sample, problems, args.n, args.k)
+            result = evaluate_passk(sample, problems, args.n or 10, args.k)
         #> L10 chat-tasks
         elif ckpt.get("chat"):  # a chat model answers through its template, not a "Answer:" cue
             result = report_exact_match(model, tok, chat_tasks(task, args.limit, args.file))
         #< L10
         else:
             pairs = story_tasks(args.limit) if task == "story" else arith_tasks(args.limit)
-            result = exact_match(model, tok, pairs)
+            result = completion_exact_match(model, tok, pairs)
         print(f"{task:<6}" + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in result.items()))
         (folder / f"eval_{task}.json").write_text(json.dumps(result, indent=2))

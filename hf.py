@@ -7,22 +7,32 @@ hf.py -- Hugging Face formats: read and write the files real models ship in.
     save_pretrained(model, "out/export")           # transformers can load it back
 
 A downloaded model is a folder: config.json (the shape), one or more
-.safetensors files (the weights, by their library's parameter names) and
-tokenizer.json. This file reads and writes those, and nothing else: the
-safetensors format by hand (lesson 05), the map between their config keys and
-parameter names and ours (GPT-2, Llama, Qwen3), and a model folder used as a
-run folder, chat template included (lesson 10). model.py's
-CausalLM.from_pretrained / save_pretrained are thin calls into it.
+.safetensors files (the weights, by their library's parameter names),
+tokenizer.json and, for a chat model, its chat template. This file reads and
+writes those, and nothing else: the safetensors format by hand (lesson 05), the
+map between their config keys and parameter names and ours (GPT-2, Llama,
+Qwen3), and (lesson 10) a model folder used as a run folder: tokenizer.json's
+byte-level BPE read into our tokenizer (byte_to_unicode, HFTokenizer.from_hf),
+and the real models' chat templates, ChatML/Qwen3 and Llama 3 (CHAT_FORMATS),
+which HFTokenizer renders in place of ours. model.py's
+CausalLM.from_pretrained / save_pretrained are thin calls into it; tokenizer.py
+never imports it.
 """
 
 import json
 import math
 import os
+#> L10 hf-tokenizer
+import unicodedata
+#< L10
 from pathlib import Path
 
 import torch
 
 from model import CausalLM, ModelConfig, rope_cos_sin, sinusoidal_positions
+#> L10 hf-tokenizer
+from tokenizer import CHAT_TOKENS, GPT2_SPLIT_PATTERN, STATE_READERS, BPETokenizer, _check_message, _read_json
+#< L10
 
 
 # -----------------------------------------------------------------------------
@@ -255,6 +265,257 @@ def save_pretrained(model, path, model_type=None):
 #> L10 hf-run
 
 
+# -----------------------------------------------------------------------------
+# tokenizer.json: a Hugging Face byte-level BPE, read into our tokenizer
+
+
+def byte_to_unicode():
+    """The printable character GPT-2's files use for each byte (Radford et al. 2019).
+
+    Bytes that are visible Latin-1 characters stand for themselves; the other 68
+    (controls, space, soft hyphen...) are moved to 256, 257, ... in byte order,
+    so every token prints without whitespace or control codes: " the" is "Ġthe"
+    because byte 32 is the 33rd moved byte, chr(256 + 32).
+    >>> byte_to_unicode()[ord(" ")], byte_to_unicode()[ord("A")]
+    ('Ġ', 'A')
+    """
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    moved = [b for b in range(256) if b not in visible]
+    return {**{b: chr(b) for b in visible}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+def _hf_split_pattern(pre, file):
+    """The chunking regex of a tokenizer.json pre-tokenizer: a Split step's regex
+    (Llama 3, Qwen) or ByteLevel's built-in GPT-2 regex (use_regex true)."""
+    steps = pre.get("pretokenizers", [pre])
+    for step in steps:
+        if step.get("type") == "Split":
+            if step.get("behavior") != "Isolated" or step.get("invert"):
+                raise ValueError(f"{file}: only Split with behavior Isolated is supported")
+            return step["pattern"]["Regex"]
+        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            if step.get("add_prefix_space"):
+                raise ValueError(f"{file}: ByteLevel add_prefix_space=true is not supported")
+            return GPT2_SPLIT_PATTERN
+    raise ValueError(f"{file}: no split regex found in the pre-tokenizer")
+
+
+# -----------------------------------------------------------------------------
+# Real models' templates: the same conversation, written the way Qwen3 and Llama 3 were tuned
+#
+# A chat model only answers well in the exact layout it was fine-tuned on. Each
+# format below is the text around one turn; pieces written <like-this> are
+# special tokens (single ids), the rest is text, "{role}" the turn's role.
+#   ChatML (Qwen):  <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n
+#   Llama 3:        <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>...
+# Qwen3 adds a reasoning block, <think>\n...\n</think>\n\n, before a reply. Its
+# template writes an empty one before the last reply of a conversation, and, with
+# thinking switched off (enable_thinking=False), into the prompt: the model then
+# answers at once instead of reasoning first.
+CHAT_FORMATS = {
+    "chatml": {"begin": [], "start": ["<|im_start|>", "{role}\n"], "end": ["<|im_end|>", "\n"]},
+    "qwen3": {"begin": [], "start": ["<|im_start|>", "{role}\n"], "end": ["<|im_end|>", "\n"],
+              "think": ["<think>", "\n\n", "</think>", "\n\n"]},
+    "llama3": {"begin": ["<|begin_of_text|>"], "end": ["<|eot_id|>"], "strip": True,  # content trimmed
+               "start": ["<|start_header_id|>", "{role}", "<|end_header_id|>", "\n\n"]},
+}
+is_special = lambda piece: piece.startswith("<") and piece.endswith(">")  # in CHAT_FORMATS' lists
+
+
+def format_tokens(name):
+    """The special tokens of CHAT_FORMATS[name], in the order they appear in it."""
+    fmt = CHAT_FORMATS[name]
+    return [p for key in ("begin", "start", "end", "think") for p in fmt.get(key, []) if is_special(p)]
+
+
+def hf_chat_format(folder, tok):
+    """The chat format of a Hugging Face model folder, or None (a base model: plain text).
+
+    Read from the template in tokenizer_config.json (or chat_template.jinja, where
+    newer transformers versions save it) by the tokens it writes, else from
+    config.json's model_type; None too when the tokenizer lacks the format's tokens.
+    """
+    folder = Path(folder)
+    template = hf_chat_template(folder)
+    kind = json.loads((folder / "config.json").read_text()).get("model_type") \
+        if (folder / "config.json").exists() else None
+    if "<|start_header_id|>" in template or not template and kind == "llama":
+        name = "llama3"
+    elif "<|im_start|>" in template:
+        name = "qwen3" if "<think>" in template else "chatml"
+    else:
+        name = {"qwen3": "qwen3", "qwen2": "chatml"}.get(kind)
+    if name is None or not set(format_tokens(name)) <= set(tok.special_tokens):
+        return None
+    return {"name": name, "thinking": False}  # thinking off: quick answers (chat.py /think toggles)
+
+
+def hf_chat_template(folder):
+    """The Jinja chat template a Hugging Face folder ships ("" if none)."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.exists() else None
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), "")
+    return template or ""
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer of a real model: their vocabulary, their chat template
+
+
+class HFTokenizer(BPETokenizer):
+    """Our BPETokenizer read from a Hugging Face tokenizer.json (from_hf), speaking
+    its model's chat template: render_conversation writes Qwen3's ChatML or Llama
+    3's headers (CHAT_FORMATS) instead of ours, and the state a checkpoint stores
+    names the format, so every run made from the model keeps its layout. Without
+    a template (GPT-2, a base model) it is our tokenizer with their vocabulary.
+
+    tokenizer.py never imports this file: the stages read template_tokens and
+    template_end through its chat_tokens and chat_end, and its load_tokenizer
+    finds this class in STATE_READERS, where hf.py puts it (below).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chat_format = None  # None: our template; {"name": "qwen3", ...}: a real model's (CHAT_FORMATS)
+
+    @classmethod
+    def from_hf(cls, path):
+        """Read a Hugging Face tokenizer.json of the byte-level BPE kind (GPT-2,
+        Llama 3, Qwen2/3) into our tokenizer: the same ids as the `tokenizers`
+        library for any text, special tokens included.
+
+        Such a file stores tokens as text: each byte is shown as a printable
+        character (byte_to_unicode), so vocab maps e.g. "Ġthe" (" the") to an id
+        and merges lists pairs in priority order. The split regex sits in the
+        pre-tokenizer; added_tokens carry the specials with their ids.
+        """
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        data = _read_json(file)
+        model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+        if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
+            raise ValueError(f"{file}: only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) are "
+                             f"supported; this is {model.get('type')} with pre-tokenizer "
+                             f"{pre.get('type')} (SentencePiece/Unigram and WordPiece are not)")
+        if (data.get("normalizer") or {}).get("type") not in (None, "NFC"):
+            raise ValueError(f"{file}: normalizer {data['normalizer']['type']} is not supported (NFC is)")
+        tok = cls(_hf_split_pattern(pre, file))
+        char = byte_to_unicode()
+        vocab = model["vocab"]  # token text -> id
+        try:
+            tok.byte_ids = [vocab[char[b]] for b in range(256)]
+        except KeyError as e:
+            raise ValueError(f"{file}: byte {e.args[0]!r} has no token; a byte-level BPE must "
+                             "cover all 256 bytes") from None
+        for pair in model["merges"]:
+            a, b = pair.split(" ") if isinstance(pair, str) else pair  # old and new file formats
+            tok.merges[vocab[a], vocab[b]] = vocab[a + b]
+        # subtle: we replay merges by the new token's id (as tiktoken does), the file by the
+        # merge's position in the list; they agree exactly when ids grow along the list.
+        if list(tok.merges.values()) != sorted(tok.merges.values()):
+            raise ValueError(f"{file}: merge priorities do not follow token ids; not supported")
+        tok.special_tokens = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+        tok.special_names = sorted(tok.special_tokens, key=tok.special_tokens.get)
+        tok.nfc = (data.get("normalizer") or {}).get("type") == "NFC"
+        tok.ignore_merges = bool(model.get("ignore_merges"))
+        tok.chat_format = hf_chat_format(file.parent, tok)  # Qwen3's ChatML, Llama 3's headers, or None
+        tok._build()
+        return tok
+
+    # ---- the model's chat template -----------------------------------------
+
+    def render_conversation(self, messages, for_completion=False):
+        """A conversation in the model's own format: (ids, mask), ids equal to
+        transformers' apply_chat_template(messages, add_generation_prompt=for_completion)
+        on that model's template, mask 1 on each reply and the end token after it.
+
+        The template is written as text first, then tokenized the way transformers
+        does: special tokens cut the text, each stretch between them is encoded as a
+        whole. subtle: encoding the pieces one by one could split differently where
+        a reply starts ("\\n\\n" of the header, then "\\nHi", may merge across), so a
+        token's mask is 1 when any of its bytes comes from the reply.
+
+        Without a format of its own (a base model), this is our template, BPETokenizer's.
+        """
+        if not self.chat_format:  # no template in the folder: ours, if the vocabulary has its tokens
+            return super().render_conversation(messages, for_completion)
+        fmt = CHAT_FORMATS[self.chat_format["name"]]
+        # Pieces (text, learn, special): the template's own, then each message's content.
+        struct = lambda parts, role="": [(p.format(role=role), 0, is_special(p)) for p in parts]
+        pieces, last = struct(fmt["begin"]), len(messages) - 1
+        for i in range(len(messages)):
+            role, content = _check_message(messages, i, for_completion)
+            try:  # content may not contain special-token text: it would become structure
+                self.encode(content)
+            except ValueError as e:
+                raise ValueError(f"message {i} ({role}): {e}") from None
+            learn = int(role == "assistant")
+            pieces += struct(fmt["start"], role)
+            if learn and i == last and "think" in fmt:  # Qwen3: the last reply follows an empty thought
+                pieces += struct(fmt["think"])
+            content = content.strip() if fmt.get("strip") else content
+            # The reply and its end token are learned; the newline after the end is not (we stop there).
+            pieces += [(content, learn, False), (fmt["end"][0], learn, True)] + struct(fmt["end"][1:])
+        if for_completion:
+            pieces += struct(fmt["start"], "assistant")
+            if "think" in fmt and not self.chat_format.get("thinking"):  # enable_thinking=False
+                pieces += struct(fmt["think"])
+        ids, mask, run = [], [], []  # run: the text pieces since the last special token
+        for text, learn, special in pieces + [(None, 0, True)]:  # None: flush the last run
+            if not special:
+                run.append((unicodedata.normalize("NFC", text) if self.nfc else text, learn))
+                continue
+            # One bit per byte: does it belong to a learned piece? A token's mask is any of its bits.
+            flags = b"".join(bytes([learn]) * len(t.encode("utf-8")) for t, learn in run)
+            at = 0
+            for t in self.encode_ordinary("".join(t for t, _ in run)):
+                ids.append(t)
+                mask.append(int(any(flags[at:at + len(self.vocab[t])])))
+                at += len(self.vocab[t])
+            run = []
+            if text is not None:
+                ids.append(self.special_tokens[text])
+                mask.append(learn)
+        return ids, mask
+
+    @property
+    def template_tokens(self):
+        """The special tokens our render writes (what tokenizer.chat_tokens returns)."""
+        return format_tokens(self.chat_format["name"]) if self.chat_format else CHAT_TOKENS
+
+    @property
+    def template_end(self):
+        """The token that ends a reply (what tokenizer.chat_end returns): <|im_end|> for
+        ChatML and Qwen3, <|eot_id|> for Llama 3."""
+        return CHAT_FORMATS[self.chat_format["name"]]["end"][0] if self.chat_format else "<|assistant_end|>"
+
+    def state(self):
+        state = super().state()
+        if self.chat_format:  # a real model's template travels with every run made from it
+            state["chat_format"] = self.chat_format
+        return state
+
+    @classmethod
+    def from_state(cls, data, where="tokenizer state"):
+        tok = super().from_state(data, where)
+        tok.chat_format = data.get("chat_format")
+        return tok
+
+
+# A tokenizer state with "chat_format" in it (a checkpoint of a run made from a real model)
+# is an HFTokenizer's: tokenizer.load_tokenizer, which cannot import this file, finds the
+# class here once hf.py is imported.
+STATE_READERS["chat_format"] = HFTokenizer
+
+
+# -----------------------------------------------------------------------------
+# A model folder as a run
+
+
 def is_hf_folder(path):
     """A Hugging Face model folder (config.json + weights), not one of our run folders."""
     path = Path(path)
@@ -270,14 +531,12 @@ def load_hf_run(path, device="cpu", dtype=None):
     fine-tuned from here chats in Qwen3's or Llama 3's layout after reloading),
     and "chat" when the folder ships a template (chat.py then opens a chat).
     """
-    from tokenizer import BPETokenizer, hf_chat_template
-
     path = Path(path)
     if not (path / "tokenizer.json").exists():
         raise FileNotFoundError(f"{path} has no tokenizer.json: download the model's whole folder "
                                 "(weights, config.json, tokenizer.json, tokenizer_config.json)")
     model = load_pretrained(path, dtype or torch.float32).to(device)
-    tok = BPETokenizer.from_hf(path)
+    tok = HFTokenizer.from_hf(path)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{path}: tokenizer.json has {tok.vocab_size} tokens, the model only "
                          f"{model.cfg.vocab_size} embedding rows; the files are from different models")

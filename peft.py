@@ -16,24 +16,19 @@ dequantize_4bit bit for bit on the CPU (tests/test_l14_peft.py).
 
     model = apply_lora(CausalLM(cfg), r=8, alpha=16)     # only A, B train
     packed, state = nf4_quantize(W); W4 = nf4_dequantize(packed, state)
-    python peft.py memory       # bytes per parameter, tiny and Qwen3-0.6B; NF4 error
+    python bench.py quant       # bytes per parameter, tiny and Qwen3-0.6B; NF4 error
 
 subtle: this file is called peft.py, so a Python started in this folder
 imports it instead of the `peft` library (sys.path[0] is the script's folder);
 the library, and bitsandbytes (which imports a `kernels` module, a name
 kernels.py here also takes), must run in a process started elsewhere:
-run_outside_repo() below.
+bench.run_outside_repo().
 """
 
 import contextlib
-import hashlib
 import json
 import math
-import os
 import re
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -41,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import CausalLM, preset
-from hf import hf_weight_map, is_hf_folder, read_safetensors, write_safetensors
+from hf import hf_weight_map, read_safetensors, write_safetensors
 
 # -----------------------------------------------------------------------------
 # LoRA: a trainable low-rank update beside a frozen matrix
@@ -423,62 +418,6 @@ def load_adapter(model, path):
 
 
 # -----------------------------------------------------------------------------
-# LoRA runs: a checkpoint that holds the adapter alone and names its base
-
-
-def file_sha256(path):
-    """SHA-256 of a checkpoint file, or of a Hugging Face folder's config and weights."""
-    path = Path(path)
-    if path.is_dir():  # the folder's files that define the model, in a fixed order
-        digest = hashlib.sha256()
-        for file in [path / "config.json", *sorted(path.glob("*.safetensors"))]:
-            digest.update(file.name.encode() + bytes.fromhex(file_sha256(file)))
-        return digest.hexdigest()
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def checkpoint_file(path):
-    """What a LoRA run's base is: a ckpt.pt, or a Hugging Face folder as a whole."""
-    path = Path(path)
-    return path / "ckpt.pt" if path.is_dir() and not is_hf_folder(path) else path
-
-
-def apply_adapter(model, settings):
-    """apply_lora or apply_qlora as `settings` (a LoRA run's checkpoint["lora"]) say."""
-    targets = settings["targets"]
-    targets = targets if targets == "all-linear" else targets.split(",")  # "q_proj,v_proj"
-    wrap = apply_qlora if settings["qlora"] else apply_lora
-    wrap(model, settings["r"], settings["alpha"], targets)
-    if settings.get("tokens"):  # token ids whose embedding rows train too
-        train_token_rows(model, settings["tokens"])
-    return model
-
-
-def adapter_checkpoint(model, settings, base):
-    """The parts of a checkpoint that make it a LoRA run's: its weights are the A, B
-    pairs alone (KBs, not MBs), and it names the base checkpoint and its SHA-256."""
-    base = checkpoint_file(base).resolve()
-    return {"model": lora_state_dict(model),
-            "lora": {**settings, "base": str(base), "base_sha256": file_sha256(base)}}
-
-
-def attach_adapter(model, ckpt):
-    """Wrap the base `model` as a LoRA run's checkpoint says and load its A, B pairs;
-    refuses a base whose bytes changed since (the adapter would be meaningless)."""
-    settings = ckpt["lora"]
-    if file_sha256(settings["base"]) != settings["base_sha256"]:
-        raise ValueError(f"the base checkpoint {settings['base']} changed since this adapter was "
-                         "trained (SHA-256 differs); restore that base or retrain the adapter")
-    apply_adapter(model, settings)
-    missing = sorted(set(lora_state_dict(model)) - set(ckpt["model"]))
-    unexpected = model.load_state_dict(ckpt["model"], strict=False).unexpected_keys
-    if missing or unexpected:
-        raise ValueError(f"the adapter does not fit the model: {(missing or unexpected)[:3]}")
-    return model
-
-
-# -----------------------------------------------------------------------------
 # NF4: a 4-bit code with equal-probability bins for normally distributed weights
 #
 # Weights are close to N(0, sigma). QLoRA's NormalFloat puts the 16 code
@@ -700,110 +639,6 @@ def apply_qlora(model, r, alpha, targets="all-linear", dropout=0.0, rslora=False
     return inject(model, targets, lambda lin: QLoRALinear(lin, r, alpha, dropout, rslora, double_quant))
 
 
-# -----------------------------------------------------------------------------
-# Memory: what each storage format costs
-
-
-def format_bytes(n, fmt, blocksize=NF4_BLOCK):
-    """Bytes to store n weights of one tensor in a format, its constants included.
-
-    int8 and nf4 keep one fp32 absmax per block of 64; nf4+dq keeps one byte
-    per block plus an fp32 per 256 blocks and the fp32 mean.
-    >>> [format_bytes(4096, f) for f in ("fp32", "bf16", "int8", "nf4", "nf4+dq")]
-    [16384, 8192, 4352, 2304, 2120]
-    """
-    blocks = -(-n // blocksize)
-    return {"fp32": 4 * n, "bf16": 2 * n, "int8": n + 4 * blocks, "nf4": (n + 1) // 2 + 4 * blocks,
-            "nf4+dq": (n + 1) // 2 + blocks + 4 * -(-blocks // DQ_BLOCK) + 4}[fmt]
-
-
-def memory_table(cfg):
-    """Rows (format, bits per Linear weight, total bytes) for a model built on the meta device.
-
-    As QLoRA does: the Linear layers of the blocks take the format; the
-    embedding (tied output head) and the norms stay in bf16 (fp32 in the fp32 row).
-    """
-    with torch.device("meta"):  # shapes only: no memory, works for a 0.6B model
-        model = CausalLM(cfg)
-    linear = [p.numel() for n in linear_names(model) for p in [model.get_submodule(n).weight]]
-    rest = model.num_params() - sum(linear)
-    rows = []
-    for fmt in ("fp32", "bf16", "int8", "nf4", "nf4+dq"):
-        quantized = sum(format_bytes(n, fmt) for n in linear)
-        rows.append((fmt, 8 * quantized / sum(linear), quantized + rest * (4 if fmt == "fp32" else 2)))
-    return rows, sum(linear), rest
-
-
-# -----------------------------------------------------------------------------
-# Running the real libraries beside ours
-
-
-def run_outside_repo(code, workdir, timeout=300):
-    """Run `python -c code` with cwd=workdir and no PYTHONPATH, so `import peft` and
-    `import kernels` find the installed libraries, not this folder's files. Returns stdout."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TORCHDYNAMO_DISABLE"] = "1"  # bitsandbytes' CPU fallback would torch.compile per shape
-    res = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True,
-                         text=True, timeout=timeout)
-    if res.returncode:
-        raise RuntimeError(f"subprocess failed:\n{res.stderr[-2000:]}")
-    return res.stdout
-
-
-BNB_ROUNDTRIP = """
-import torch, bitsandbytes.functional as bnbf
-W = torch.load("W.pt", weights_only=True)
-for dq in (False, True):
-    p, s = bnbf.quantize_4bit(W, quant_type="nf4", compress_statistics=dq)
-    torch.save({"packed": p.reshape(-1), "W": bnbf.dequantize_4bit(p, s)}, f"bnb_{int(dq)}.pt")
-"""
-
-
-def nf4_error_report(seed=0):
-    """Round-trip error of NF4 (and NF4 + DQ) on a 256x256 N(0, 1) matrix; bitsandbytes' beside."""
-    W = torch.randn(256, 256, generator=torch.Generator().manual_seed(seed))
-    lines = []
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(W, Path(tmp) / "W.pt")
-        try:
-            run_outside_repo(BNB_ROUNDTRIP, tmp)
-            theirs = [torch.load(Path(tmp) / f"bnb_{i}.pt", weights_only=True) for i in (0, 1)]
-        except RuntimeError as e:
-            theirs = None
-            lines.append(f"(bitsandbytes not run: {str(e).strip().splitlines()[-1]}; "
-                         "pip install -r requirements-dev.txt)")
-    for dq in (False, True):
-        packed, state = nf4_quantize(W, double_quant=dq)
-        err = nf4_dequantize(packed, state) - W
-        row = f"{'nf4+dq' if dq else 'nf4':<7} ours  rmse {err.pow(2).mean().sqrt():.5f}  max {err.abs().max():.4f}"
-        if theirs:
-            e2 = theirs[dq]["W"] - W
-            same = torch.equal(theirs[dq]["packed"], packed) and torch.equal(theirs[dq]["W"], W + err)
-            row += f"  | bitsandbytes rmse {e2.pow(2).mean().sqrt():.5f}  max {e2.abs().max():.4f}"
-            row += f"  | bit-identical: {same}"
-        lines.append(row)
-    return lines
-
-
-def main(argv=None):
-    import argparse
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("command", choices=["memory"], help="memory: formats, totals and NF4 error")
-    ap.parse_args(argv)
-    print("NF4 code (Phi^-1 quantiles, scaled to [-1, 1]):")
-    print("  " + " ".join(f"{v:+.4f}" for v in NF4_CODE.tolist()))
-    for name in ("tiny", "qwen3-0.6b"):
-        rows, n_linear, n_rest = memory_table(preset(name))
-        print(f"\n{name}: {n_linear:,} Linear weights in the blocks + {n_rest:,} others "
-              "(embedding, norms: bf16)")
-        print(f"  {'format':<8}{'bits/weight':>12}{'total':>14}")
-        for fmt, bits, total in rows:
-            print(f"  {fmt:<8}{bits:>12.3f}{total / 2**20:>11.2f} MiB")
-    print("\nNF4 round trip, 256x256 N(0,1) matrix (seed 0):")
-    for line in nf4_error_report():
-        print("  " + line)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the memory table and the NF4 check moved to the performance table
+    raise SystemExit("peft.py has no command: its memory table and NF4 check are `python bench.py quant`")
 #< L14

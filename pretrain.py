@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import PRESETS, CausalLM, ModelConfig
+from model import CausalLM, ModelConfig, preset
 from tokenizer import load_tokenizer
 
 #> L08 imports
@@ -33,9 +33,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # The loop's plumbing (lesson 07's lr schedule and clipping included) lives in run.py:
-# sft.py and align.py run the same loop.
-from run import (check_resume, get_lr, load_checkpoint, optimizer_step, progress_line,
-                 resume_training, run_main, save_checkpoint, setup_device, setup_precision,
+# sft.py, align.py and rl.py run the same loop.
+from run import (RESUMABLE, RUN_DEFAULTS, check_resume, get_lr, load_checkpoint, logged, optimizer_step,
+                 plot_log, progress_line, resume_training, run_main, save_checkpoint, start_run,
                  training_state)
 #< L08
 
@@ -69,15 +69,13 @@ DEFAULTS.update(
 #> L08 config
 DEFAULTS.update(
     grad_accum=1,  # micro-batches per optimizer step (per process)
-    device="auto",  # auto: cuda > mps > cpu
-    dtype="auto",  # auto: bf16 where native, fp16 on old GPUs, else fp32
+    **RUN_DEFAULTS,  # device ("auto": cuda > mps > cpu), dtype ("auto": bf16 where native), resume
     compile=None,  # True: torch.compile the model; "auto": only where it can run; None/False: not
     eval_interval=250,
     eval_iters=20,
     log_interval=25,
     sample_tokens=120,  # length of the sample printed at each eval
     peak_flops=0.0,  # hardware peak FLOP/s for MFU (e.g. 312e12 for an A100 in bf16); 0: skip
-    resume=False,
     plot=False,
 )
 #< L08
@@ -263,12 +261,10 @@ def make_optimizer(model, cfg):
 
 def build_model(cfg, meta):
     """The preset, with every ModelConfig key the config sets, sized to the tokenizer."""
-    if cfg["model"] not in PRESETS:
-        raise ValueError(f"unknown model preset {cfg['model']!r}; choose one of {sorted(PRESETS)}")
     # Keys left at None in the config mean "the preset's value"; vocab_size always comes
     # from the data, so the embedding has exactly one row per token the tokenizer makes.
     chosen = {k: v for k, v in cfg.items() if k in ModelConfig.__dataclass_fields__ and v is not None}
-    return ModelConfig(**{**PRESETS[cfg["model"]], **chosen, "vocab_size": meta["vocab_size"]})
+    return preset(cfg["model"], **{**chosen, "vocab_size": meta["vocab_size"]})
 
 
 def compile_model(model, mode, device, log=print):
@@ -310,28 +306,22 @@ def estimate_loss(model, batches, iters, autocast):
     return sum(losses) / len(losses)
 
 
-# Keys a resumed run may change. The rest (model shape, data, batch, seed, optimizer kind
-# and betas, weight decay) define what the checkpoint was trained on and how: a change
-# would silently continue a different run.
-RESUMABLE = {
-    "max_iters", "min_lr",  # the schedule's tail: train longer, or end lower
-    "lr", "warmup_iters", "grad_clip",  # the remedies after a loss spike: a lower lr, clipping
-    "eval_interval", "eval_iters", "log_interval", "sample_tokens", "plot",  # what is printed
-    "resume", "device", "dtype", "compile", "peak_flops",  # how it runs, not what it learns
+# Keys a resumed run may change: run.RESUMABLE's (the schedule's tail, the remedies after
+# a spike, what is printed, how it runs) and these. The rest (model shape, data, batch,
+# seed, optimizer kind and betas, weight decay) define what the checkpoint was trained on.
+RESUMABLE = RESUMABLE | {
+    "sample_tokens", "plot", "peak_flops",  # what is printed and measured
     "data_dir",  # where the (same) dataset lives now; the tokenizer check catches another one
 }
 
 
 def train(cfg):
     """Run one training job; returns the final {"step", "train_loss", "val_loss"}."""
-    ddp, rank, world, device, why = setup_device(cfg)
-    master = rank == 0  # only one process prints, samples and writes files
-    log = print if master else (lambda *a, **k: None)
     # autocast runs matmuls in bf16/fp16 and keeps precision-sensitive ops (softmax, norms,
     # the loss) in fp32; the weights and the optimizer stay fp32 throughout. With fp16 the
     # scaler multiplies the loss so small gradients do not underflow (run.setup_precision).
-    autocast, scaler, precision = setup_precision(device, cfg["dtype"])
-    log(f"device: {why}; precision: {precision}")
+    ddp, rank, world, device, log, autocast, scaler = start_run(cfg)
+    master = rank == 0  # only one process prints, samples and writes files
 
     out = Path(cfg["out_dir"])
     ckpt_path, step = out / "ckpt.pt", 0
@@ -369,10 +359,9 @@ def train(cfg):
         if master:
             save_checkpoint(ckpt_path, training_state(raw, optimizer, step, cfg, tok, data=str(folder)))
 
-    out.mkdir(parents=True, exist_ok=True)
-    logfile = open(out / "log.jsonl", "a") if master else None
     history, t0, t_start, step0 = {}, time.time(), time.time(), step
-    try:
+    # Ctrl-C inside: keep what was learned (a checkpoint), exit cleanly (run.logged).
+    with logged(out, master, log, checkpoint, lambda: step) as run_log:
         while step < cfg["max_iters"]:
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
@@ -418,17 +407,12 @@ def train(cfg):
                 # A checkpoint at every eval: a crash or a pre-empted machine loses at most
                 # eval_interval steps, and the file is written atomically (run.save_checkpoint).
                 checkpoint()
-            if master and history.get("step") == step:  # one JSON line per logged step
-                logfile.write(json.dumps(history) + "\n")
-                logfile.flush()
-    except KeyboardInterrupt:  # Ctrl-C: keep what was learned, exit cleanly
-        log(f"\ninterrupted at step {step}: saving {ckpt_path}")
-        checkpoint()
-    finally:
-        if logfile:
-            logfile.close()
+            if history.get("step") == step:  # one JSON line per logged step
+                run_log.write(history)
     if master and (cfg["plot"] or step == cfg["max_iters"]):
-        plot(out)
+        # Against tokens, not steps: runs with different batch sizes then share an x axis.
+        plot_log(out, [["train_loss", "val_loss"]], x="tokens", xlabel="tokens seen",
+                 ylabel="loss (nats per token)")
     return {"step": step, "train_loss": history.get("train_loss"), "val_loss": history.get("val_loss")}
 
 
@@ -441,32 +425,6 @@ def sample_text(model, tok, meta, cfg, device):
                          temperature=0.8, top_k=50, eos_id=meta.get("eot_id"), generator=gen)
     model.train()  # generate() switched to eval mode
     return tok.decode(ids[0].tolist())
-
-
-def plot(out):
-    """log.jsonl -> loss.png: train and val loss against tokens seen."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no window: write a file
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plot skipped: pip install matplotlib to get loss.png")
-        return
-    # Against tokens, not steps: runs with different batch sizes then share an x axis.
-    rows = [json.loads(line) for line in open(out / "log.jsonl")]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("train_loss", "val_loss"):
-        pts = [(r["tokens"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=key.replace("_", " "), marker="." if key == "val_loss" else None)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats per token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.savefig(out / "loss.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)  # pyplot keeps every figure until closed: a notebook's training calls pile up
-    print(f"wrote {out / 'loss.png'}")
 
 
 if __name__ == "__main__":

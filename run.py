@@ -17,14 +17,22 @@ loops have in common lives here, so a stage file shows only what is new in it:
     model, tok, ckpt = load_run("out/sft")   # a run folder, a ckpt.pt or a HF folder
 """
 
+import contextlib
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+import hf
 from model import CausalLM, ModelConfig
 from tokenizer import load_tokenizer
+#> L14 import
+import peft
+#< L14
 
 # -----------------------------------------------------------------------------
 # Config files
@@ -205,14 +213,43 @@ def setup_precision(device, requested="auto"):
     return autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), why
 
 
+def start_run(cfg, log=print):
+    """(ddp, rank, world, device, log, autocast, scaler): this process's place in the run
+    (setup_device), a log that prints on rank 0 only (one process prints, samples and
+    writes files), and the precision (setup_precision), both named in the first line."""
+    ddp, rank, world, device, why = setup_device(cfg)
+    log = log if rank == 0 else (lambda *a, **k: None)
+    autocast, scaler, precision = setup_precision(device, cfg["dtype"])
+    log(f"device: {why}; precision: {precision}")
+    return ddp, rank, world, device, log, autocast, scaler
+
+
+# Keys every stage's config has, for how it runs (not what it learns); each stage's
+# DEFAULTS starts from them.
+RUN_DEFAULTS = dict(
+    device="auto",  # auto: cuda > mps > cpu
+    dtype="auto",  # auto: bf16 where native, fp16 on old GPUs, else fp32
+    resume=False,  # continue out_dir/ckpt.pt exactly where it stopped
+)
+
+# Keys a resumed run may change, in every stage: the schedule's tail (train longer, end
+# lower), the remedies after a loss spike (a lower lr, clipping), what is printed and
+# evaluated, how it runs. The rest define what the checkpoint was trained on and how: a
+# change would silently continue a different run. Each stage adds its own few.
+RESUMABLE = {"max_iters", "min_lr", "lr", "warmup_iters", "grad_clip", "eval_interval", "eval_iters",
+             "log_interval", "resume", "device", "dtype", "compile"}
+
+
 def optimizer_step(model, optimizer, scaler, loss, grad_clip, step, ckpt_path):
     """After backward: refuse a non-finite loss, clip, step, clear. Returns the gradient
-    norm before clipping."""
+    norm before clipping. model: the module whose gradients are clipped together, or a
+    list of parameters (rl.py's PPO steps a policy and a critic as one)."""
     if not math.isfinite(loss.item()):  # stop before a NaN reaches a checkpoint
         raise FloatingPointError(f"loss is {loss.item()} at step {step}: training diverged. "
                                  f"The last good checkpoint stays at {ckpt_path}; try a lower lr")
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    norm = clip_grad_norm(model.parameters(), grad_clip)
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
+    norm = clip_grad_norm(params, grad_clip)
     scaler.step(optimizer)  # with fp16: skipped if the scaled gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)  # None, not zeros: frees memory, skips a fill
@@ -223,6 +260,75 @@ def progress_line(step, max_iters, loss, lr, norm, dt, rate, eta, extra=""):
     """The log line: dt seconds per step, rate tokens/s, eta seconds left."""
     return (f"step {step}/{max_iters}  loss {loss:.4f}  lr {lr:.2e}  grad norm {norm:.2f}  "
             f"{dt * 1000:.0f} ms/step  {rate:,.0f} tok/s{extra}  ETA {eta / 60:.1f} min")
+
+
+class RunLog:
+    """out/log.jsonl: one JSON object per logged step, appended (a resumed run continues
+    its file) and flushed at once, so a crash keeps every line. None: rank > 0 writes nothing."""
+
+    def __init__(self, path):
+        self.file, self.interrupted = open(path, "a") if path else None, False
+
+    def write(self, row):
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+
+@contextlib.contextmanager
+def logged(out, master, log, save, step):
+    """`with logged(out, master, log, checkpoint, lambda: step) as run_log:` around a loop.
+
+    Ctrl-C inside saves a checkpoint with save() and leaves the block as if the loop had
+    ended (run_log.interrupted tells the caller): what was learned is kept, and the
+    command exits cleanly. step() says where it stopped. The log file is closed however
+    the loop ends."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    run_log = RunLog(Path(out) / "log.jsonl" if master else None)
+    try:
+        yield run_log
+    except KeyboardInterrupt:
+        log(f"\ninterrupted at step {step()}: saving {Path(out) / 'ckpt.pt'}")
+        save()
+        run_log.interrupted = True
+    finally:
+        if run_log.file:
+            run_log.file.close()
+
+
+def plot_log(out, panels, x="step", name="loss.png", xlabel=None, ylabel=None):
+    """out/log.jsonl -> out/name: one panel per list of keys, each key a curve against x.
+
+    pretrain.py and sft.py draw train and val loss in one panel; align.py and rl.py one
+    panel per metric (loss, accuracy, KL, ...). matplotlib is optional."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no window: write a file
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"plot skipped: pip install matplotlib to get {name}")
+        return
+    rows = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+    one = len(panels) == 1
+    fig, axes = plt.subplots(1, len(panels), figsize=(7, 4) if one else (3.5 * len(panels), 3), squeeze=False)
+    for ax, keys in zip(axes[0], panels):
+        for key in keys:
+            pts = [(r[x], r[key]) for r in rows if key in r]
+            if pts:  # an eval-only key (val loss) gets a marker: its points are sparse
+                ax.plot(*zip(*pts), label=key.replace("_", " "), marker="." if key.startswith("val") or not one else None)
+        ax.set_xlabel(xlabel or x)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        if len(keys) > 1:
+            ax.legend()
+        else:
+            ax.set_title(keys[0].replace("_", " "))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(Path(out) / name, dpi=120 if one else 110, bbox_inches="tight")
+    plt.close(fig)  # pyplot keeps every figure until closed: a notebook's training calls pile up
+    print(f"wrote {Path(out) / name}")
 
 
 def training_state(model, optimizer, step, cfg, tok, **extra):
@@ -309,21 +415,24 @@ def shutdown(code):
 #> L09 load-run
 
 
-def model_from_checkpoint(path, device="cpu", ckpt=None):
+def model_from_checkpoint(path, device="cpu", ckpt=None, head=None):
     """(model, checkpoint dict) from a pretrain.py run folder or ckpt.pt file
-    (or from `ckpt`, that file already loaded: a big one is read only once)."""
+    (or from `ckpt`, that file already loaded: a big one is read only once).
+    head(model, ckpt): wraps the fresh model before its weights load -- lesson 12's
+    reward model, whose head scores instead of predicting tokens."""
     path = Path(path)
     if ckpt is None:
         ckpt = load_checkpoint(path / "ckpt.pt" if path.is_dir() else path, map_location=device)
     if "model_config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by pretrain.py or sft.py")
     #> L12 not-a-generator
-    if ckpt.get("scalar_head"):  # its head scores text instead of predicting tokens
+    if ckpt.get("scalar_head") and head is None:  # its head scores text instead of predicting tokens
         raise ValueError(f"{path} is a reward model (align.py config/reward.py), not a model that "
                          "writes text: PPO reads it through --reward_init; chat with or tune the "
                          "model it was trained from (out/sft)")
     #< L12
     model = CausalLM(ModelConfig(**ckpt["model_config"]))
+    model = head(model, ckpt) if head else model
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
@@ -334,21 +443,17 @@ def load_run(path, device="cpu", dtype=None):
     that stored the tokenizer file's path instead, which still works while the file is
     there. dtype: cast the weights (torch.bfloat16 halves memory for inference)."""
     #> L10 hf-run
-    import hf  # here, not at the top: only this branch reads Hugging Face files
-
     if hf.is_hf_folder(path):  # a downloaded Hugging Face model: its folder is the checkpoint
         return hf.load_hf_run(path, device, dtype)
     #< L10
     ckpt = load_checkpoint(Path(path) / "ckpt.pt" if Path(path).is_dir() else path, device)
     #> L14 lora-run
     if "lora" in ckpt:  # a LoRA run holds its adapter alone: rebuild its base, then attach
-        import peft  # here, not at the top: only a LoRA run needs it
-
         if not Path(ckpt["lora"]["base"]).exists():
             raise FileNotFoundError(f"{path} is a LoRA run: it holds only the adapter, and its base "
                                     f"checkpoint {ckpt['lora']['base']} is missing; copy the base there")
         model, tok, _ = load_run(ckpt["lora"]["base"], device, dtype)
-        return peft.attach_adapter(model, ckpt), tok, ckpt
+        return attach_adapter(model, ckpt), tok, ckpt
     #< L14
     model, ckpt = model_from_checkpoint(path, device, ckpt)
     source = ckpt.get("tokenizer")
@@ -356,6 +461,34 @@ def load_run(path, device="cpu", dtype=None):
         raise FileNotFoundError(f"{path} has no tokenizer (an old checkpoint whose tokenizer file "
                                 f"{source} is gone): prepare the same dataset again, or retrain")
     return model.to(dtype) if dtype else model, load_tokenizer(source), ckpt
+
+
+def token_logprobs(logits, targets):
+    """log p(target) at every position: logits (B, T, V), targets (B, T) -> (B, T), fp32.
+
+    Targets equal to -1 (padding, prompts) give 0, so a masked sum needs no second
+    mask. eval.py's perplexity sums these; align.py and rl.py read the log-probs of
+    answers from them (with gradients: see align.next_token_logprobs).
+    subtle: log_softmax in fp32. In bf16 a log-probability of -0.01 has ~2 significant
+    digits, and perplexity or DPO add up hundreds of them.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    return logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * (targets != -1)
+
+
+def stream_text(model, tok, ids, max_new_tokens, eos_id=None, stop_ids=(), temperature=0.0,
+                top_k=None, top_p=None, generator=None):
+    """Text pieces of the continuation of the prompt `ids`, yielded as tokens arrive.
+
+    Positions past block_size were never trained: only the newest block_size tokens
+    are kept. Generation stops at eos_id; the text stops at it or any of stop_ids
+    (chat.py prints each piece at once; eval.py and exact match join them)."""
+    from tokenizer import decode_stream  # lesson 09's incremental decoding
+
+    prompt = torch.tensor([ids[-model.cfg.block_size:]], device=next(model.parameters()).device)
+    tokens = model.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          eos_id=eos_id, generator=generator)
+    return decode_stream(tok, tokens, stop_ids={eos_id, *stop_ids} - {None})
 #< L09
 #> L10 chat
 
@@ -372,18 +505,15 @@ def chat_stream(model, tok, messages, max_new_tokens=32, temperature=0.0, top_k=
     Renders the conversation for completion (it ends with <|assistant_start|>)
     and stops at <|assistant_end|>: the end token the model was trained to
     produce is what makes a chat model stop talking. (A real model's template,
-    tokenizer.CHAT_FORMATS, has its own: <|im_end|> for Qwen3, <|eot_id|> for Llama 3.)
+    hf.CHAT_FORMATS, has its own: <|im_end|> for Qwen3, <|eot_id|> for Llama 3.)
     """
-    from tokenizer import chat_end, decode_stream  # lesson 10's: imported where chat begins
+    from tokenizer import chat_end  # lesson 10's: imported where chat begins
 
     ids, _ = tok.render_conversation(messages, for_completion=True)
-    end = tok.special_tokens[chat_end(tok)]
-    prompt = torch.tensor([ids], device=next(model.parameters()).device)
-    tokens = model.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          eos_id=end, generator=generator)
     # A base model never learned the end of a turn; its end of a document ends the reply too.
-    ends = {end} | {tok.special_tokens.get(t) for t in ("<|endoftext|>", "<|end_of_text|>")}
-    return decode_stream(tok, tokens, stop_ids=ends - {None})
+    docs = [tok.special_tokens.get(t) for t in ("<|endoftext|>", "<|end_of_text|>")]
+    return stream_text(model, tok, ids, max_new_tokens, tok.special_tokens[chat_end(tok)], docs,
+                       temperature, top_k, top_p, generator)
 
 
 def chat_reply(model, tok, messages, max_new_tokens=32, temperature=0.0, generator=None):
@@ -409,7 +539,7 @@ def wilson_interval(right, n, z=1.96):
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def exact_match(model, tok, examples, max_new_tokens=16, progress=None):
+def chat_exact_match(model, tok, examples, max_new_tokens=16, progress=None):
     """Greedy replies to each example's prompt, compared with its reference answer.
 
     examples: message lists whose last message is the reference (assistant)
@@ -430,4 +560,76 @@ def exact_match(model, tok, examples, max_new_tokens=16, progress=None):
     low, high = wilson_interval(len(right), n)
     return {"accuracy": len(right) / max(n, 1), "ci_low": low, "ci_high": high, "n": n,
             "right": right, "wrong": wrong, "replies": replies}
+
+
+def exact_match_line(name, r):
+    """The line every stage prints for a chat_exact_match result (or its summary dict)."""
+    return (f"exact match {name}: {r['accuracy']:.1%} (95% CI {r['ci_low']:.1%}-{r['ci_high']:.1%}, "
+            f"n={r['n']})")
 #< L10
+#> L14 lora-runs
+
+
+# -----------------------------------------------------------------------------
+# LoRA runs (lesson 14): a checkpoint that holds the adapter alone and names its base
+
+
+def file_sha256(path):
+    """SHA-256 of a checkpoint file, or of a Hugging Face folder's config and weights."""
+    path = Path(path)
+    if path.is_dir():  # the folder's files that define the model, in a fixed order
+        digest = hashlib.sha256()
+        for file in [path / "config.json", *sorted(path.glob("*.safetensors"))]:
+            digest.update(file.name.encode() + bytes.fromhex(file_sha256(file)))
+        return digest.hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_file(path):
+    """What a LoRA run's base is: a ckpt.pt, or a Hugging Face folder as a whole."""
+    path = Path(path)
+    return path / "ckpt.pt" if path.is_dir() and not hf.is_hf_folder(path) else path
+
+
+def apply_adapter(model, settings):
+    """apply_lora or apply_qlora as `settings` (a LoRA run's checkpoint["lora"]) say."""
+    targets = settings["targets"]
+    targets = targets if targets == "all-linear" else targets.split(",")  # "q_proj,v_proj"
+    wrap = peft.apply_qlora if settings["qlora"] else peft.apply_lora
+    wrap(model, settings["r"], settings["alpha"], targets)
+    if settings.get("tokens"):  # token ids whose embedding rows train too
+        peft.train_token_rows(model, settings["tokens"])
+    return model
+
+
+def adapter_checkpoint(model, settings, base):
+    """The parts of a checkpoint that make it a LoRA run's: its weights are the A, B
+    pairs alone (KBs, not MBs), and it names the base checkpoint and its SHA-256."""
+    base = checkpoint_file(base).resolve()
+    return {"model": peft.lora_state_dict(model),
+            "lora": {**settings, "base": str(base), "base_sha256": file_sha256(base)}}
+
+
+def attach_adapter(model, ckpt):
+    """Wrap the base `model` as a LoRA run's checkpoint says and load its A, B pairs;
+    refuses a base whose bytes changed since (the adapter would be meaningless)."""
+    settings = ckpt["lora"]
+    if file_sha256(settings["base"]) != settings["base_sha256"]:
+        raise ValueError(f"the base checkpoint {settings['base']} changed since this adapter was "
+                         "trained (SHA-256 differs); restore that base or retrain the adapter")
+    apply_adapter(model, settings)
+    missing = sorted(set(peft.lora_state_dict(model)) - set(ckpt["model"]))
+    unexpected = model.load_state_dict(ckpt["model"], strict=False).unexpected_keys
+    if missing or unexpected:
+        raise ValueError(f"the adapter does not fit the model: {(missing or unexpected)[:3]}")
+    return model
+
+
+# The keys of every stage that can train an adapter (sft.py, align.py, rl.py)
+LORA_DEFAULTS = dict(
+    lora_rank=0,  # LoRA rank r; 0: fine-tune every weight
+    lora_alpha=16.0,  # the update is (lora_alpha / lora_rank) B A
+    lora_targets="all-linear",  # or comma-separated layer names: "q_proj,v_proj"
+)
+#< L14

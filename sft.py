@@ -32,12 +32,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from run import (check_resume, exact_match, get_lr, load_run, optimizer_step, progress_line,
-                 refresh_data_on_rank0, resume_training, run_main, save_checkpoint,
-                 setup_device, setup_precision, training_state)
+from run import (RESUMABLE, RUN_DEFAULTS, chat_exact_match, check_resume, exact_match_line, get_lr,
+                 load_run, logged, optimizer_step, plot_log, progress_line, refresh_data_on_rank0,
+                 resume_training, run_main, save_checkpoint, start_run, training_state)
 from tokenizer import chat_tokens, read_conversations
 #> L14 import
 import peft
+from run import LORA_DEFAULTS, adapter_checkpoint, apply_adapter
 #< L14
 
 # -----------------------------------------------------------------------------
@@ -61,26 +62,20 @@ DEFAULTS = dict(
     grad_clip=1.0,
     grad_accum=1,
     seed=1337,
-    device="auto",
-    dtype="auto",
+    **RUN_DEFAULTS,  # device, dtype ("auto": bf16 where native), resume
     compile=False,
     eval_interval=250,
     eval_iters=10,  # validation batches per eval
     log_interval=50,
-    resume=False,
     #> L14 lora-config
-    lora_rank=0,  # LoRA rank r; 0: fine-tune every weight
-    lora_alpha=16.0,  # the update is (lora_alpha / lora_rank) B A
-    lora_targets="all-linear",  # or comma-separated layer names: "q_proj,v_proj"
+    **LORA_DEFAULTS,  # lora_rank (0: fine-tune every weight), lora_alpha, lora_targets
     qlora=False,  # keep the frozen base in NF4 (needs lora_rank > 0)
     lora_tokens="chat",  # embedding rows that train beside LoRA: "chat" (new to the base), "all", "none"
     #< L14
 )
-# Keys a resumed run may change (as pretrain.py's RESUMABLE): the schedule's tail, what is
-# printed and evaluated, how it runs. The rest define what the checkpoint was trained on.
-RESUMABLE = {"max_iters", "min_lr", "lr", "warmup_iters", "grad_clip", "eval_interval", "eval_iters",
-             "log_interval", "eval_n", "eval_story", "eval_arith", "resume", "device", "dtype",
-             "compile"}
+# Keys a resumed run may change: run.RESUMABLE's (the schedule's tail, what is printed, how
+# it runs) and what is evaluated. The rest define what the checkpoint was trained on.
+RESUMABLE = RESUMABLE | {"eval_n", "eval_story", "eval_arith"}
 
 # -----------------------------------------------------------------------------
 # Data: conversations -> (ids, mask) -> batches
@@ -249,7 +244,7 @@ def evaluate(model, tok, cfg, log=print):
     results = {}
     for task in ("story", "arith"):
         examples = read_conversations(cfg[f"eval_{task}"])[:cfg["eval_n"]]
-        r = exact_match(model, tok, examples)
+        r = chat_exact_match(model, tok, examples)
         results[task] = {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
         results[task]["by_question"] = by_question(examples, r["right"])
         example = ""
@@ -258,8 +253,7 @@ def evaluate(model, tok, cfg, log=print):
                 question = chat[-2]["content"].split("\n", 1)[0]  # the question, not the story
                 example = f"; e.g. {question!r} -> {reply!r} (expected {chat[-1]['content']!r})"
                 break
-        log(f"exact match {task}: {r['accuracy']:.1%} (95% CI {r['ci_low']:.1%}-{r['ci_high']:.1%}, "
-            f"n={r['n']}){example}")
+        log(exact_match_line(task, r) + example)
         if len(results[task]["by_question"]) > 1:  # the sums are one kind
             log("  by question: " + ", ".join(f"{kind} {right}/{n}" for kind, (right, n)
                                               in results[task]["by_question"].items()))
@@ -285,11 +279,8 @@ def check_chat_tokens(tok, path):
 
 def train(cfg):
     """Fine-tune cfg["init"] on cfg["data"]; returns {"step", "train_loss", "val_loss", "eval"}."""
-    ddp, rank, world, device, why = setup_device(cfg)
+    ddp, rank, world, device, log, autocast, scaler = start_run(cfg)
     master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    autocast, scaler, precision = setup_precision(device, cfg["dtype"])
-    log(f"device: {why}; precision: {precision}")
 
     out = Path(cfg["out_dir"])
     ckpt_path = out / "ckpt.pt"
@@ -307,7 +298,7 @@ def train(cfg):
         raise ValueError("qlora=True trains a LoRA adapter over the 4-bit base: set lora_rank=8 too")
     if cfg["lora_rank"] and not cfg["resume"]:  # on resume load_run rebuilt base + adapter
         torch.manual_seed(cfg["seed"])  # A's random init: the same run from the same config
-        peft.apply_adapter(model, lora)
+        apply_adapter(model, lora)
     if "lora" in ckpt:  # resume_training loads the whole state, adapter included
         ckpt["model"] = model.state_dict()
     #< L14
@@ -354,7 +345,7 @@ def train(cfg):
                                                       eval_before=before))
     #> L14 lora-checkpoint
     if cfg["lora_rank"]:
-        adapter = peft.adapter_checkpoint(raw, lora, cfg["init"])  # hashes the base once
+        adapter = adapter_checkpoint(raw, lora, cfg["init"])  # hashes the base once
 
         def checkpoint():  # the adapter alone (its tensors are views: saved as they are then)
             if master:
@@ -364,7 +355,7 @@ def train(cfg):
 
     history, t0, t_start, step0 = {}, time.time(), time.time(), step
     tokens = 0  # conversation tokens trained on since the last log line (padding not counted)
-    try:
+    with logged(out, master, log, checkpoint, lambda: step) as run_log:  # Ctrl-C: a checkpoint, then a clean exit
         while step < cfg["max_iters"]:
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
@@ -395,22 +386,25 @@ def train(cfg):
                 eta = (cfg["max_iters"] - step) * (time.time() - t_start) / (step - step0)
                 log(progress_line(step, cfg["max_iters"], loss.item(), lr, norm.item(),
                                   dt / cfg["log_interval"], tokens * world / dt, eta))
-                history = {"step": step, "train_loss": loss.item()}
+                history = {"step": step, "train_loss": loss.item(), "lr": lr, "grad_norm": norm.item()}
                 t0, tokens = time.time(), 0
             if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
-                history["val_loss"] = val_loss(raw, val_batches, cfg["eval_iters"], autocast)
+                history = {**history, "step": step,
+                           "val_loss": val_loss(raw, val_batches, cfg["eval_iters"], autocast)}
                 log(f"step {step}: val loss {history['val_loss']:.4f} (held-out chats, supervised tokens)")
                 checkpoint()
-    except KeyboardInterrupt:
-        log(f"\ninterrupted at step {step}: saving {ckpt_path}")
-        checkpoint()
-        return {"step": step, **history}
+            if history.get("step") == step:  # one JSON line per logged step
+                run_log.write(history)
+    if run_log.interrupted:
+        return {**history, "step": step}
+    if master:
+        plot_log(out, [["train_loss", "val_loss"]], xlabel="step", ylabel="loss (nats per supervised token)")
     after = None
     if master and cfg["eval_n"]:
         log("after fine-tuning:")
         after = evaluate(raw, tok, cfg, log)
         (out / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
-    return {"step": step, **history, "eval": after}
+    return {**history, "step": step, "eval": after}
 
 
 if __name__ == "__main__":

@@ -296,13 +296,10 @@ class BPETokenizer:
         self.merges = {}
         self.special_names = list(special_tokens)  # registered by name, ids given by train()
         self.special_tokens = {}
-        # Two rules some Hugging Face tokenizers add (from_hf sets them): Unicode NFC
+        # Two rules some Hugging Face tokenizers add (hf.py's from_hf sets them): Unicode NFC
         # normalisation of the text first (Qwen2/3), and a chunk that is itself a token
         # encodes as that token without merging (Llama 3's "ignore_merges", tiktoken's rule).
         self.nfc = self.ignore_merges = False
-        #> L10 real-templates
-        self.chat_format = None  # None: our template; {"name": "qwen3", ...}: a real model's (CHAT_FORMATS)
-        #< L10
         self._build()
 
     def _build(self):
@@ -467,52 +464,6 @@ class BPETokenizer:
         tok._build()
         return tok
 
-    @classmethod
-    def from_hf(cls, path):
-        """Read a Hugging Face tokenizer.json of the byte-level BPE kind (GPT-2,
-        Llama 3, Qwen2/3) into our tokenizer: the same ids as the `tokenizers`
-        library for any text, special tokens included.
-
-        Such a file stores tokens as text: each byte is shown as a printable
-        character (byte_to_unicode), so vocab maps e.g. "Ġthe" (" the") to an id
-        and merges lists pairs in priority order. The split regex sits in the
-        pre-tokenizer; added_tokens carry the specials with their ids.
-        """
-        path = Path(path)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        data = _read_json(file)
-        model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
-        if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
-            raise ValueError(f"{file}: only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) are "
-                             f"supported; this is {model.get('type')} with pre-tokenizer "
-                             f"{pre.get('type')} (SentencePiece/Unigram and WordPiece are not)")
-        if (data.get("normalizer") or {}).get("type") not in (None, "NFC"):
-            raise ValueError(f"{file}: normalizer {data['normalizer']['type']} is not supported (NFC is)")
-        tok = cls(_hf_split_pattern(pre, file))
-        char = byte_to_unicode()
-        vocab = model["vocab"]  # token text -> id
-        try:
-            tok.byte_ids = [vocab[char[b]] for b in range(256)]
-        except KeyError as e:
-            raise ValueError(f"{file}: byte {e.args[0]!r} has no token; a byte-level BPE must "
-                             "cover all 256 bytes") from None
-        for pair in model["merges"]:
-            a, b = pair.split(" ") if isinstance(pair, str) else pair  # old and new file formats
-            tok.merges[vocab[a], vocab[b]] = vocab[a + b]
-        # subtle: we replay merges by the new token's id (as tiktoken does), the file by the
-        # merge's position in the list; they agree exactly when ids grow along the list.
-        if list(tok.merges.values()) != sorted(tok.merges.values()):
-            raise ValueError(f"{file}: merge priorities do not follow token ids; not supported")
-        tok.special_tokens = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-        tok.special_names = sorted(tok.special_tokens, key=tok.special_tokens.get)
-        tok.nfc = (data.get("normalizer") or {}).get("type") == "NFC"
-        tok.ignore_merges = bool(model.get("ignore_merges"))
-        #> L10 real-templates
-        tok.chat_format = hf_chat_format(file.parent, tok)  # Qwen3's ChatML, Llama 3's headers, or None
-        #< L10
-        tok._build()
-        return tok
-
     #> L10 template exercise
     # ---- the chat template (lesson 10) -------------------------------------
 
@@ -537,8 +488,6 @@ class BPETokenizer:
         Content is encoded with every special token disallowed: a user who
         types "<|user_end|>" gets an error, never a structure token.
         """
-        if self.chat_format:  # a real model's template instead (Qwen3, Llama 3)
-            return render_chat_format(self, messages, for_completion)
         if missing := [t for t in CHAT_TOKENS if t not in self.special_tokens]:
             raise ValueError(f"this tokenizer has no chat tokens {missing}: rebuild it with "
                              "`python data/prepare.py storyworld` (it reserves them) and pretrain again")
@@ -569,15 +518,10 @@ class BPETokenizer:
         """Plain lists, dicts, ints and strings: a JSON file's content, and also what a
         checkpoint stores, since torch.load(weights_only=True) accepts exactly these.
         Merges in learning order as [a, b, new_id]."""
-        state = {"format": "intro2llm-bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
-                 "byte_ids": self.byte_ids, "special_tokens": self.special_tokens,
-                 "merges": [[a, b, i] for (a, b), i in self.merges.items()],
-                 **{k: True for k in ("nfc", "ignore_merges") if getattr(self, k)}}
-        #> L10 real-templates
-        if self.chat_format:  # a real model's template travels with every run made from it
-            state["chat_format"] = self.chat_format
-        #< L10
-        return state
+        return {"format": "intro2llm-bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
+                "byte_ids": self.byte_ids, "special_tokens": self.special_tokens,
+                "merges": [[a, b, i] for (a, b), i in self.merges.items()],
+                **{k: True for k in ("nfc", "ignore_merges") if getattr(self, k)}}
 
     def save(self, path):
         """One readable JSON file."""
@@ -597,9 +541,6 @@ class BPETokenizer:
             tok.merges = {(a, b): i for a, b, i in data["merges"]}
             tok.special_tokens = dict(data["special_tokens"])
             tok.nfc, tok.ignore_merges = data.get("nfc", False), data.get("ignore_merges", False)
-            #> L10 real-templates
-            tok.chat_format = data.get("chat_format")
-            #< L10
             tok._build()
         except (KeyError, TypeError, ValueError, regex.error) as e:
             raise ValueError(f"{where} is damaged ({type(e).__name__}: {e}); "
@@ -613,37 +554,6 @@ class BPETokenizer:
         pair = next(((a, b) for (a, b), j in self.merges.items() if j == i), None)
         parts = f"[{show(pair[0])}][{show(pair[1])}] -> " if pair else ""
         return f"{i:6d}  {parts}'{show(i)}'"
-
-
-def byte_to_unicode():
-    """The printable character GPT-2's files use for each byte (Radford et al. 2019).
-
-    Bytes that are visible Latin-1 characters stand for themselves; the other 68
-    (controls, space, soft hyphen...) are moved to 256, 257, ... in byte order,
-    so every token prints without whitespace or control codes: " the" is "Ġthe"
-    because byte 32 is the 33rd moved byte, chr(256 + 32).
-    >>> byte_to_unicode()[ord(" ")], byte_to_unicode()[ord("A")]
-    ('Ġ', 'A')
-    """
-    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    moved = [b for b in range(256) if b not in visible]
-    return {**{b: chr(b) for b in visible}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
-
-
-def _hf_split_pattern(pre, file):
-    """The chunking regex of a tokenizer.json pre-tokenizer: a Split step's regex
-    (Llama 3, Qwen) or ByteLevel's built-in GPT-2 regex (use_regex true)."""
-    steps = pre.get("pretokenizers", [pre])
-    for step in steps:
-        if step.get("type") == "Split":
-            if step.get("behavior") != "Isolated" or step.get("invert"):
-                raise ValueError(f"{file}: only Split with behavior Isolated is supported")
-            return step["pattern"]["Regex"]
-        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
-            if step.get("add_prefix_space"):
-                raise ValueError(f"{file}: ByteLevel add_prefix_space=true is not supported")
-            return GPT2_SPLIT_PATTERN
-    raise ValueError(f"{file}: no split regex found in the pre-tokenizer")
 
 
 def _bpe_parts(token, ranks, max_rank):
@@ -769,134 +679,34 @@ def read_conversations(path, tok=None):
     if not out:
         raise ValueError(f"{path} holds no conversations")
     return out
-#< L10
 
 
-#> L10 real-templates
 # -----------------------------------------------------------------------------
-# Real models' templates: the same conversation, written the way Qwen3 and Llama 3 were tuned
+# Whose template: ours, or a real model's (hf.py)
 #
-# A chat model only answers well in the exact layout it was fine-tuned on. Each
-# format below is the text around one turn; pieces written <like-this> are
-# special tokens (single ids), the rest is text, "{role}" the turn's role.
-#   ChatML (Qwen):  <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n
-#   Llama 3:        <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>...
-# Qwen3 adds a reasoning block, <think>\n...\n</think>\n\n, before a reply. Its
-# template writes an empty one before the last reply of a conversation, and, with
-# thinking switched off (enable_thinking=False), into the prompt: the model then
-# answers at once instead of reasoning first.
-CHAT_FORMATS = {
-    "chatml": {"begin": [], "start": ["<|im_start|>", "{role}\n"], "end": ["<|im_end|>", "\n"]},
-    "qwen3": {"begin": [], "start": ["<|im_start|>", "{role}\n"], "end": ["<|im_end|>", "\n"],
-              "think": ["<think>", "\n\n", "</think>", "\n\n"]},
-    "llama3": {"begin": ["<|begin_of_text|>"], "end": ["<|eot_id|>"], "strip": True,  # content trimmed
-               "start": ["<|start_header_id|>", "{role}", "<|end_header_id|>", "\n\n"]},
-}
-is_special = lambda piece: piece.startswith("<") and piece.endswith(">")  # in CHAT_FORMATS' lists
+# A tokenizer read from a Hugging Face tokenizer.json (hf.py's HFTokenizer, a
+# subclass) renders Qwen3's or Llama 3's template instead of ours, and carries
+# what the stages need to know about it as two attributes: `template_tokens`,
+# the special tokens its template writes, and `template_end`, the one that ends
+# a reply. The stages ask through the two functions below, so they work with
+# either kind while this file (layer 0) never imports hf.py.
 
 
 def chat_tokens(tok):
     """The special tokens the tokenizer's chat template writes: a base model needs
     their embedding rows, and LoRA's lora_tokens="chat" trains exactly these."""
-    fmt = getattr(tok, "chat_format", None)
-    return format_tokens(fmt["name"]) if fmt else CHAT_TOKENS
-
-
-def format_tokens(name):
-    """The special tokens of CHAT_FORMATS[name], in the order they appear in it."""
-    fmt = CHAT_FORMATS[name]
-    return [p for key in ("begin", "start", "end", "think") for p in fmt.get(key, []) if is_special(p)]
+    return getattr(tok, "template_tokens", CHAT_TOKENS)
 
 
 def chat_end(tok):
     """The token that ends an assistant turn: a reply is over when the model says it."""
-    return CHAT_FORMATS[tok.chat_format["name"]]["end"][0] if getattr(tok, "chat_format", None) \
-        else "<|assistant_end|>"
+    return getattr(tok, "template_end", "<|assistant_end|>")
 
 
-def render_chat_format(tok, messages, for_completion=False):
-    """render_conversation for a real model's format: (ids, mask), ids equal to
-    transformers' apply_chat_template(messages, add_generation_prompt=for_completion)
-    on that model's template, mask 1 on each reply and the end token after it.
-
-    The template is written as text first, then tokenized the way transformers
-    does: special tokens cut the text, each stretch between them is encoded as a
-    whole. subtle: encoding the pieces one by one could split differently where
-    a reply starts ("\\n\\n" of the header, then "\\nHi", may merge across), so a
-    token's mask is 1 when any of its bytes comes from the reply.
-    """
-    fmt = CHAT_FORMATS[tok.chat_format["name"]]
-    # Pieces (text, learn, special): the template's own, then each message's content.
-    struct = lambda parts, role="": [(p.format(role=role), 0, is_special(p)) for p in parts]
-    pieces, last = struct(fmt["begin"]), len(messages) - 1
-    for i in range(len(messages)):
-        role, content = _check_message(messages, i, for_completion)
-        try:  # content may not contain special-token text: it would become structure
-            tok.encode(content)
-        except ValueError as e:
-            raise ValueError(f"message {i} ({role}): {e}") from None
-        learn = int(role == "assistant")
-        pieces += struct(fmt["start"], role)
-        if learn and i == last and "think" in fmt:  # Qwen3: the last reply follows an empty thought
-            pieces += struct(fmt["think"])
-        content = content.strip() if fmt.get("strip") else content
-        # The reply and its end token are learned; the newline after the end is not (we stop there).
-        pieces += [(content, learn, False), (fmt["end"][0], learn, True)] + struct(fmt["end"][1:])
-    if for_completion:
-        pieces += struct(fmt["start"], "assistant")
-        if "think" in fmt and not tok.chat_format.get("thinking"):  # enable_thinking=False
-            pieces += struct(fmt["think"])
-    ids, mask, run = [], [], []  # run: the text pieces since the last special token
-    for text, learn, special in pieces + [(None, 0, True)]:  # None: flush the last run
-        if not special:
-            run.append((unicodedata.normalize("NFC", text) if tok.nfc else text, learn))
-            continue
-        # One bit per byte: does it belong to a learned piece? A token's mask is any of its bits.
-        flags = b"".join(bytes([learn]) * len(t.encode("utf-8")) for t, learn in run)
-        at = 0
-        for t in tok.encode_ordinary("".join(t for t, _ in run)):
-            ids.append(t)
-            mask.append(int(any(flags[at:at + len(tok.vocab[t])])))
-            at += len(tok.vocab[t])
-        run = []
-        if text is not None:
-            ids.append(tok.special_tokens[text])
-            mask.append(learn)
-    return ids, mask
-
-
-def hf_chat_format(folder, tok):
-    """The chat format of a Hugging Face model folder, or None (a base model: plain text).
-
-    Read from the template in tokenizer_config.json (or chat_template.jinja, where
-    newer transformers versions save it) by the tokens it writes, else from
-    config.json's model_type; None too when the tokenizer lacks the format's tokens.
-    """
-    folder = Path(folder)
-    template = hf_chat_template(folder)
-    kind = json.loads((folder / "config.json").read_text()).get("model_type") \
-        if (folder / "config.json").exists() else None
-    if "<|start_header_id|>" in template or not template and kind == "llama":
-        name = "llama3"
-    elif "<|im_start|>" in template:
-        name = "qwen3" if "<think>" in template else "chatml"
-    else:
-        name = {"qwen3": "qwen3", "qwen2": "chatml"}.get(kind)
-    if name is None or not set(format_tokens(name)) <= set(tok.special_tokens):
-        return None
-    return {"name": name, "thinking": False}  # thinking off: quick answers (chat.py /think toggles)
-
-
-def hf_chat_template(folder):
-    """The Jinja chat template a Hugging Face folder ships ("" if none)."""
-    folder = Path(folder)
-    if (folder / "chat_template.jinja").exists():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.exists() else None
-    if isinstance(template, list):  # several named templates: the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), "")
-    return template or ""
+# Tokenizer classes by the key they add to our state: hf.py registers its HFTokenizer
+# under "chat_format" when it is imported, so load_tokenizer rebuilds a checkpoint made
+# from Qwen3 or Llama 3 as one without importing it. (run.load_run imports hf.py first.)
+STATE_READERS = {}
 #< L10
 
 
@@ -907,6 +717,13 @@ def load_tokenizer(source):
     where = "the checkpoint's tokenizer" if isinstance(source, dict) else source
     data = source if isinstance(source, dict) else _read_json(source)
     kind = _check_state(data, ("intro2llm-char", "intro2llm-bpe"), where)["format"]
+    #> L10 real-templates
+    if "chat_format" in data:  # a real model's template: only hf.py's HFTokenizer renders it
+        if "chat_format" not in STATE_READERS:
+            raise ValueError(f"{where} uses a Hugging Face model's chat template, which hf.py "
+                             "renders: `import hf` before loading it (run.load_run does)")
+        return STATE_READERS["chat_format"].from_state(data, where)
+    #< L10
     return (CharTokenizer if kind == "intro2llm-char" else BPETokenizer).from_state(data, where)
 #< L06
 #> L09 decode-stream

@@ -1,6 +1,6 @@
 #> L13 config
 # GRPO from the SFT model of lesson 10 with a verifiable reward (exact match on story questions).
-# python align.py config/grpo.py
+# python rl.py config/grpo.py
 method = "grpo"
 init = "out/sft"
 out_dir = "out/grpo"

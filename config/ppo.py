@@ -1,6 +1,6 @@
 #> L12 config
 # PPO from the SFT model of lesson 10 with a rule reward (exact match on story questions).
-# python align.py config/ppo.py            (--reward=model: the reward model of config/reward.py)
+# python rl.py config/ppo.py               (--reward=model: the reward model of config/reward.py)
 method = "ppo"
 init = "out/sft"
 out_dir = "out/ppo"

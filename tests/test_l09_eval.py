@@ -57,9 +57,9 @@ def test_stride_scores_every_token_exactly_once(n, block, stride, monkeypatch):
     """With ids = 0..n-1 each target's value is its position: record what gets scored."""
     seen, real = [], E.token_logprobs
 
-    def recording(model, x, y):
+    def recording(logits, y):
         seen.extend(y[y != -1].tolist())  # the targets this window scores
-        return real(model, x, y)
+        return real(logits, y)
 
     monkeypatch.setattr(E, "token_logprobs", recording)
     E.perplexity(TableModel(torch.zeros(n, n), block), np.arange(n), stride=stride)

@@ -1,8 +1,9 @@
 #> L10 tests
 """Issue 17, lesson 10's part: a Hugging Face model folder (tiny Qwen3 and Llama built
 with transformers, a tokenizer.json trained offline, a chat template) is a run that
-load_run, chat.py and eval.py open; Qwen3's and Llama 3's templates equal transformers'
-apply_chat_template token for token; generation equals transformers' generate."""
+load_run, chat.py and eval.py open; hf.py reads tokenizer.json to the `tokenizers`
+library's ids; Qwen3's and Llama 3's templates equal transformers' apply_chat_template
+token for token; generation equals transformers' generate."""
 
 import json
 import subprocess
@@ -14,12 +15,53 @@ import torch
 
 import eval as E
 import sft
+from hf import HFTokenizer, byte_to_unicode
 from run import chat_reply, load_run
-from test_l01_tokenizer import QWEN2_SPLIT, hf_tokenizer
-from tokenizer import GPT4_SPLIT_PATTERN, chat_end, load_tokenizer
+from tokenizer import GPT4_SPLIT_PATTERN, chat_end, chat_tokens, load_tokenizer
+
+from conftest import run_doctests
 
 tf = pytest.importorskip("transformers", reason="transformers is test-only: pip install -r requirements-dev.txt")
 ROOT = Path(__file__).resolve().parents[1]
+
+HF_TEXTS = [
+    "Hello world! The quick brown fox jumps over the lazy dog's 3 boxes; it's 12,345.67 km.",
+    "Ünïcödé: naïve café, Straße, ĳ, ﬁ, e\u0301 (combining), Ελληνικά, русский, עברית, العربية",
+    "中文分词很难。日本語のテキスト、한국어 텍스트 🎉🤖👩‍👩‍👧 ☃️ 🇫🇷",
+    "def f(x):\n\treturn {'a': [x ** 2, x // 3]}  # comment\n\n\n    if x != 0:\r\n        pass   ",
+    "   leading and    inner   spaces,\t\ttabs\n \n  and trailing whitespace   \n\n",
+]
+
+
+def hf_tokenizer(tmp_path, name, split=None, nfc=False, ignore_merges=False,
+                 specials=("<|endoftext|>", "<|im_start|>")):
+    """Train a byte-level BPE offline with the `tokenizers` library itself and save its
+    tokenizer.json: GPT-2 style (ByteLevel's own regex) or with a Split regex (Qwen2)."""
+    tk = pytest.importorskip("tokenizers", reason="tokenizers comes with transformers (requirements-dev.txt)")
+    tok = tk.Tokenizer(tk.models.BPE(ignore_merges=ignore_merges))
+    byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    tok.pre_tokenizer = byte_level if split is None else tk.pre_tokenizers.Sequence(
+        [tk.pre_tokenizers.Split(tk.Regex(split), behavior="isolated"), byte_level])
+    tok.decoder = tk.decoders.ByteLevel()  # printable characters back to bytes, as real files do
+    if nfc:
+        tok.normalizer = tk.normalizers.NFC()
+    trainer = tk.trainers.BpeTrainer(vocab_size=600, special_tokens=list(specials),
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(HF_TEXTS * 20, trainer)
+    path = tmp_path / f"{name}.json"
+    tok.save(str(path))
+    if ignore_merges:  # a token that its own merges cannot build: "QWZ" from (QW, Z), while
+        data = json.loads(path.read_text())  # the earlier merge (W, Z) takes the W first
+        n, vocab = len(data["model"]["vocab"]), data["model"]["vocab"]
+        vocab.update({"WZ": n, "QW": n + 1, "QWZ": n + 2})
+        data["model"]["merges"] += [["W", "Z"], ["Q", "W"], ["QW", "Z"]]
+        path.write_text(json.dumps(data))
+    return tk.Tokenizer.from_file(str(path)), path
+
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
 
 # Short templates of our own, in transformers' Jinja, that write exactly the documented
 # formats. Qwen3: ChatML; an empty <think> block before the conversation's last reply and,
@@ -86,6 +128,45 @@ def chats():
         [{"role": "user", "content": "the quick brown fox"}],
         [{"role": "system", "content": "You answer in code."}, {"role": "user", "content": "print 2+2"}],
     ]
+
+
+# -----------------------------------------------------------------------------
+# tokenizer.json: the same ids as the `tokenizers` library
+
+
+@pytest.mark.parametrize("style", ["gpt2", "qwen2", "llama3"])
+def test_from_hf_encodes_like_the_tokenizers_library(tmp_path, style):
+    """A Hugging Face tokenizer.json read into our tokenizer must give the library's ids on
+    any text: guards the byte <-> printable-character map, the merge order, the split
+    regex, NFC normalisation (Qwen2) and ignore_merges (Llama 3), and the specials."""
+    kw = {"gpt2": {}, "qwen2": dict(split=QWEN2_SPLIT, nfc=True),
+          "llama3": dict(split=GPT4_SPLIT_PATTERN, ignore_merges=True)}[style]
+    theirs, path = hf_tokenizer(tmp_path, style, **kw)
+    ours = HFTokenizer.from_hf(path)
+    unseen = "QWZ! Unseen: Zürich's 2048 naïve ideas 🤖!\n\n  x<|im_start|>y<|endoftext|>"
+    for text in HF_TEXTS + [unseen, "".join(HF_TEXTS)]:
+        ids = theirs.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, allowed_special="all") == ids
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
+    restored = load_tokenizer(ours.state())  # what a checkpoint stores keeps the rules
+    assert restored.encode(unseen, allowed_special="all") == ours.encode(unseen, allowed_special="all")
+
+
+def test_from_hf_refuses_other_kinds_clearly(tmp_path):
+    """A WordPiece (BERT) or Unigram (SentencePiece) file must be refused with its kind
+    named, not half-loaded into a tokenizer that encodes differently."""
+    tk = pytest.importorskip("tokenizers", reason="tokenizers comes with transformers (requirements-dev.txt)")
+    wp = tk.Tokenizer(tk.models.WordPiece(unk_token="[UNK]"))
+    wp.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    wp.train_from_iterator(HF_TEXTS, tk.trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[UNK]"]))
+    wp.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="only byte-level BPE .* this is WordPiece"):
+        HFTokenizer.from_hf(tmp_path)  # a folder: its tokenizer.json
+
+
+def test_docstring_examples():
+    """The >>> examples lesson 10 wrote in hf.py run as printed."""
+    run_doctests(byte_to_unicode)
 
 
 # -----------------------------------------------------------------------------
@@ -160,6 +241,23 @@ def test_folder_generates_like_transformers(folders, kind):
     half, _, _ = load_run(folders[kind], dtype=torch.bfloat16)
     assert half.lm_head.weight.dtype == torch.bfloat16 and half.generate(prompt, 4, temperature=0).shape == (1, prompt.size(1) + 4)
     assert load_tokenizer(ckpt["tokenizer"]).chat_format == tok.chat_format  # the format travels
+
+
+def test_saved_state_loads_as_the_models_tokenizer_without_tokenizer_importing_hf(folders, tmp_path):
+    """The tokenizer state a run made from Qwen3 stores must load (load_tokenizer, as
+    load_run does) as an HFTokenizer that renders, lists its tokens and ends replies in
+    Qwen3's layout. tokenizer.py (layer 0) must not import hf.py, and without hf.py
+    imported it must refuse such a state, not render our template in its place."""
+    _, tok, ckpt = load_run(folders["qwen3"])
+    back = load_tokenizer(ckpt["tokenizer"])
+    assert isinstance(back, HFTokenizer) and chat_end(back) == "<|im_end|>"
+    assert chat_tokens(back) == ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    assert back.render_conversation(chats()[1]) == tok.render_conversation(chats()[1])
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps(ckpt["tokenizer"]))
+    code = f"import sys, tokenizer; assert 'hf' not in sys.modules; tokenizer.load_tokenizer({str(state)!r})"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode != 0 and "`import hf` before loading it" in run.stderr, run.stderr
 
 
 def test_chat_stream_stops_at_the_formats_end_token(folders, monkeypatch):

@@ -18,7 +18,7 @@ import eval as E
 import sft
 import storyworld
 from model import CausalLM, ModelConfig, packed_positions
-from run import exact_match, save_checkpoint, training_state, wilson_interval
+from run import chat_exact_match, save_checkpoint, training_state, wilson_interval
 from tokenizer import CHAT_TOKENS, BPETokenizer, _alpaca, read_conversations
 
 from conftest import run_doctests
@@ -286,7 +286,7 @@ def test_sft_overfits_a_handful_of_conversations(base, tuned):
     assert before["story"]["accuracy"] == 0.0 and result["eval"]["story"]["accuracy"] == 1.0
     model, tok, ckpt = sft.load_run(out)
     assert ckpt["chat"] and ckpt["step"] == 120 and tok.state() == base[1].state()
-    assert exact_match(model, tok, FACTS)["replies"] == ["the park", "Mia", "red", "5"]
+    assert chat_exact_match(model, tok, FACTS)["replies"] == ["the park", "Mia", "red", "5"]
 
 
 def test_exact_match_is_told_per_kind_of_question(base, tuned):

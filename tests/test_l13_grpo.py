@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import align
+import rl
 from model import CausalLM, ModelConfig
-from test_l11_dpo import run_cfg, tiny_run  # noqa: F401 (a fixture, shared)
+from test_l11_dpo import tiny_run  # noqa: F401 (a fixture, shared)
+from test_l12_ppo import rl_cfg, updates
 
 
 def tiny_model(seed=0, vocab=8):
@@ -23,13 +25,13 @@ def test_grpo_advantages_hand_computed_two_groups():
     r = torch.tensor([1.0, 0, 0, 1, 1, 1])
     s = math.sqrt(1 / 3) + 1e-4
     want = torch.tensor([(2 / 3) / s, -(1 / 3) / s, -(1 / 3) / s, 0, 0, 0])
-    assert torch.allclose(align.grpo_advantages(r, 3), want)
-    assert torch.allclose(align.grpo_advantages(r, 3, "none"), torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0]))
+    assert torch.allclose(rl.grpo_advantages(r, 3), want)
+    assert torch.allclose(rl.grpo_advantages(r, 3, "none"), torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0]))
     batch_std = math.sqrt(sum((x - 4 / 6) ** 2 for x in r.tolist()) / 5) + 1e-4
-    assert torch.allclose(align.grpo_advantages(r, 3, "batch"),
+    assert torch.allclose(rl.grpo_advantages(r, 3, "batch"),
                           torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0]) / batch_std)
     with pytest.raises(ValueError, match="group, batch or none"):
-        align.grpo_advantages(r, 3, "max")
+        rl.grpo_advantages(r, 3, "max")
 
 
 def test_mu_one_beta_zero_gradient_is_reinforce_with_group_advantages():
@@ -37,12 +39,12 @@ def test_mu_one_beta_zero_gradient_is_reinforce_with_group_advantages():
     gradient equals REINFORCE's: -mean_i A_i mean_t grad log pi(o_it). Autograd on a
     tiny model both ways; guards a ratio that is not 1 on-policy or a KL term leaking in."""
     model = tiny_model()
-    ids, mask, _ = align.rollout(model, [1, 2, 3], 6, 5, eos_id=7, generator=torch.Generator().manual_seed(0))
-    adv = align.grpo_advantages(torch.tensor([1.0, 0, 1, 0, 0, 1]), 3)
-    logp = align.token_logprobs(model, ids)
-    loss, _ = align.grpo_loss(logp, logp.detach(), logp.detach() - 0.3, adv, mask, beta=0.0)
+    ids, mask, _ = rl.rollout(model, [1, 2, 3], 6, 5, eos_id=7, generator=torch.Generator().manual_seed(0))
+    adv = rl.grpo_advantages(torch.tensor([1.0, 0, 1, 0, 0, 1]), 3)
+    logp = align.next_token_logprobs(model, ids)
+    loss, _ = rl.grpo_loss(logp, logp.detach(), logp.detach() - 0.3, adv, mask, beta=0.0)
     grpo = torch.autograd.grad(loss, list(model.parameters()))
-    logp = align.token_logprobs(model, ids)
+    logp = align.next_token_logprobs(model, ids)
     reinforce = -(adv * (logp * mask).sum(-1) / mask.sum(-1)).mean()
     want = torch.autograd.grad(reinforce, list(model.parameters()))
     for a, b in zip(grpo, want):
@@ -57,7 +59,7 @@ def test_clipping_zeroes_the_gradient_past_eps_high_and_eps_low():
     mask = torch.ones(2, 2)
     for eps_high, grad_first in ((0.2, 0.0), (0.28, -1.25 / 2 / 2)):
         logp = torch.log(torch.tensor([[1.25, 1.0], [0.7, 1.0]])).requires_grad_()
-        loss, m = align.grpo_loss(logp, old, logp.detach(), A, mask, eps_low=0.2, eps_high=eps_high)
+        loss, m = rl.grpo_loss(logp, old, logp.detach(), A, mask, eps_low=0.2, eps_high=eps_high)
         loss.backward()
         want = torch.tensor([[grad_first, -1.0 / 4], [0.0, 1.0 / 4]])
         assert torch.allclose(logp.grad, want)
@@ -74,7 +76,7 @@ def test_each_aggregation_matches_its_formula_on_ragged_lengths(agg):
     A = torch.tensor([0.5, -1.0, 2.0])
     mask = torch.tensor([[0, 1, 0, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 1, 1.0]])
     beta, lo, hi = 0.04, 0.2, 0.3
-    loss, _ = align.grpo_loss(logp, old, ref, A, mask, lo, hi, beta, agg, max_len=6)
+    loss, _ = rl.grpo_loss(logp, old, ref, A, mask, lo, hi, beta, agg, max_len=6)
     rows = []
     for b in range(3):
         row = []
@@ -94,9 +96,9 @@ def test_each_aggregation_matches_its_formula_on_ragged_lengths(agg):
 def test_format_reward():
     """Ending, and ending within the token limit: guards rewarding answers that never stop or
     ramble on."""
-    assert align.format_reward([1, 2], True, 4) == 1.0
-    assert align.format_reward([1, 2], False, 4) == 0.0  # never ended
-    assert align.format_reward([1] * 5, True, 4) == 0.0  # rambled past the limit
+    assert rl.format_reward([1, 2], True, 4) == 1.0
+    assert rl.format_reward([1, 2], False, 4) == 0.0  # never ended
+    assert rl.format_reward([1] * 5, True, 4) == 0.0  # rambled past the limit
 
 
 def test_tiny_grpo_raises_the_reward_of_saying_a_token():
@@ -104,13 +106,13 @@ def test_tiny_grpo_raises_the_reward_of_saying_a_token():
     mean reward rises clearly; zero-advantage groups are counted."""
     policy = tiny_model(seed=5)
     ref = align.frozen_copy(policy)
-    cfg = {**align.DEFAULTS, "samples_per_prompt": 8, "max_new_tokens": 4, "minibatch_size": 16,
+    cfg = {**rl.DEFAULTS, "samples_per_prompt": 8, "max_new_tokens": 4, "minibatch_size": 16,
            "kl_coef": 0.04, "format_weight": 0.0}
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     examples = [{"prompt": [1, 2]}, {"prompt": [3, 1, 2]}]
     reward = lambda answer, ended, ex: {"correct": float(4 in answer)}  # noqa: E731
     g = torch.Generator().manual_seed(0)
-    history = [align.grpo_iteration(policy, ref, examples, reward, opt, cfg, 7, g) for _ in range(15)]
+    history = [rl.grpo_iteration(policy, ref, examples, reward, updates(opt), cfg, 7, g) for _ in range(15)]
     assert history[0]["clip_frac"] == 0  # mu = 1, one minibatch: on-policy, ratio 1
     assert history[-1]["reward"] > history[0]["reward"] + 0.3
     assert 0 <= history[-1]["zero_adv_groups"] <= 1 and history[-1]["kl"] > 0
@@ -122,9 +124,9 @@ def test_grpo_command_runs_end_to_end(tiny_run, tmp_path):
     root, _ = tiny_run
     for beta in (0.04, 0.0):
         out = tmp_path / f"grpo{beta}"
-        cfg = run_cfg(root, out, method="grpo", prompts=str(root / "eval.jsonl"), task="story", max_iters=2,
+        cfg = rl_cfg(root, out, method="grpo", prompts=str(root / "eval.jsonl"), task="story", max_iters=2,
                       log_interval=1, prompts_per_iter=2, samples_per_prompt=4, max_new_tokens=4, kl_coef=beta)
-        res = align.train(cfg, log=lambda *a: None)
+        res = rl.train(cfg, log=lambda *a: None)
         log = [json.loads(line) for line in open(out / "log.jsonl")]
         assert {"reward", "correct", "format", "zero_adv_groups", "kl", "clip_frac", "entropy", "length"} <= log[0].keys()
         assert res["step"] == 2 and "exact_match" in res["before"] and (out / "curves.png").exists()

@@ -15,13 +15,16 @@ import statistics
 import pytest
 import torch
 
+import bench
 import peft as P
+import run
 import sft
 from model import CausalLM, ModelConfig
-from run import exact_match, load_checkpoint, save_checkpoint
+from run import chat_exact_match, load_checkpoint, save_checkpoint
 from conftest import run_doctests
 from test_l10_sft import FACTS, base, sft_config  # noqa: F401 (base is a fixture)
-from test_l11_dpo import run_cfg, tiny_run  # noqa: F401 (tiny_run is a fixture)
+from test_l11_dpo import tiny_run  # noqa: F401 (a fixture)
+from test_l12_ppo import rl_cfg
 
 
 def installed(name):
@@ -229,18 +232,18 @@ def test_adapter_checkpoint_names_its_base(tmp_path, qlora):
     base = tmp_path / "ckpt.pt"
     torch.save({"model": tiny_model().state_dict()}, base)
     settings = dict(r=4, alpha=8.0, targets="q_proj,down", qlora=qlora, tokens=[3, 7])
-    model = P.apply_adapter(tiny_model(), settings)
+    model = run.apply_adapter(tiny_model(), settings)
     randomize_lora(model)
-    ckpt = P.adapter_checkpoint(model, settings, tmp_path)  # a run folder names its ckpt.pt
+    ckpt = run.adapter_checkpoint(model, settings, tmp_path)  # a run folder names its ckpt.pt
     assert set(ckpt["model"]) == set(P.lora_state_dict(model)) and len(ckpt["model"]) == 9
-    assert ckpt["lora"]["base_sha256"] == P.file_sha256(base)
-    fresh = P.attach_adapter(tiny_model(), ckpt)
+    assert ckpt["lora"]["base_sha256"] == run.file_sha256(base)
+    fresh = run.attach_adapter(tiny_model(), ckpt)
     assert torch.equal(fresh(IDX)[0], model(IDX)[0])
     assert isinstance(fresh.blocks[1].mlp.down, P.QLoRALinear if qlora else P.LoRALinear)
     assert P.base_param_count(fresh) == tiny_model().num_params()
     base.write_bytes(base.read_bytes() + b"x")
     with pytest.raises(ValueError, match="changed"):
-        P.attach_adapter(tiny_model(), ckpt)
+        run.attach_adapter(tiny_model(), ckpt)
 
 
 PEFT_ORACLE = """
@@ -275,7 +278,7 @@ def test_peft_library_loads_our_adapter(tmp_path):
             with P.lora_disabled(model):
                 ours[name + "/base"] = model(IDX)[0]
     torch.save(IDX, tmp_path / "idx.pt")
-    P.run_outside_repo(PEFT_ORACLE, tmp_path)
+    bench.run_outside_repo(PEFT_ORACLE, tmp_path)
     theirs = torch.load(tmp_path / "out.pt", weights_only=True)
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=2e-5)
@@ -344,9 +347,9 @@ def test_nf4_worked_example_and_error_bound():
 
 def test_double_quant_bits():
     """Guards against miscounting the memory: NF4 + DQ must cost 4 + 8/64 + 32/16384 bits."""
-    assert 8 * P.format_bytes(64 * 256 * 100, "nf4+dq") / (64 * 256 * 100) == \
+    assert 8 * bench.format_bytes(64 * 256 * 100, "nf4+dq") / (64 * 256 * 100) == \
         pytest.approx(4 + 8 / 64 + 32 / (64 * 256), rel=1e-4)
-    rows, n_linear, n_rest = P.memory_table(tiny_cfg())
+    rows, n_linear, n_rest = bench.memory_table(tiny_cfg())
     model = tiny_model()
     assert n_linear + n_rest == model.num_params()
     assert dict((f, t) for f, _, t in rows)["fp32"] == 4 * model.num_params()
@@ -393,7 +396,7 @@ def bnb(tmp_path_factory):
     # absmax-like values: many magnitudes, many near 0, where the 8-bit code is finest
     inputs["absmax"] = torch.randn(5000, generator=g) * 10.0 ** torch.randint(-7, 1, (5000,), generator=g)
     torch.save(inputs, tmp / "inputs.pt")
-    P.run_outside_repo(BNB_ORACLE, tmp)
+    bench.run_outside_repo(BNB_ORACLE, tmp)
     return inputs, torch.load(tmp / "out.pt", weights_only=True)
 
 
@@ -503,13 +506,13 @@ def test_lora_sft_overfits_a_handful_of_conversations(lora_base, tmp_path, qlora
     result = sft.train(sft_config(lora_base, out, lora_rank=8, qlora=qlora))
     assert result["eval"]["story"]["accuracy"] == 1.0
     ckpt = load_checkpoint(out / "ckpt.pt")
-    assert ckpt["lora"]["base_sha256"] == P.file_sha256(lora_base / "base" / "ckpt.pt")
+    assert ckpt["lora"]["base_sha256"] == run.file_sha256(lora_base / "base" / "ckpt.pt")
     assert all(".lora_" in k or ".token_rows." in k for k in ckpt["model"])
     model, tok, _ = sft.load_run(out)
-    assert exact_match(model, tok, FACTS)["replies"] == ["the park", "Mia", "red", "5"]
+    assert chat_exact_match(model, tok, FACTS)["replies"] == ["the park", "Mia", "red", "5"]
     assert isinstance(model.blocks[0].mlp.up, P.QLoRALinear if qlora else P.LoRALinear)
     with P.lora_disabled(model):  # the base model underneath never learned the facts
-        assert exact_match(model, tok, FACTS)["accuracy"] == 0.0
+        assert chat_exact_match(model, tok, FACTS)["accuracy"] == 0.0
 
 
 def test_lora_sft_resume_is_bit_identical(lora_base, tmp_path, monkeypatch, ctrl_c_at):
@@ -533,7 +536,7 @@ def test_qlora_needs_a_rank(lora_base, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# align.py with LoRA: the adapters switched off are the reference
+# align.py and rl.py with LoRA: the adapters switched off are the reference
 
 
 def test_dpo_with_lora_uses_the_adapters_off_as_its_reference(lora_base, tmp_path, monkeypatch):
@@ -554,7 +557,7 @@ def test_dpo_with_lora_uses_the_adapters_off_as_its_reference(lora_base, tmp_pat
     assert result["after"]["pref_acc"] == 1.0  # the held-out pairs are the training pairs here
     ckpt = load_checkpoint(tmp_path / "straight" / "ckpt.pt")
     assert all(".lora_" in k for k in ckpt["model"])
-    assert ckpt["lora"]["base_sha256"] == P.file_sha256(lora_base / "base" / "ckpt.pt")
+    assert ckpt["lora"]["base_sha256"] == run.file_sha256(lora_base / "base" / "ckpt.pt")
     policy, tok, _ = sft.load_run(tmp_path / "straight")
     init = sft.load_run(lora_base / "base")[0]
     ids, mask = align.collate_pairs(align.read_preferences(pairs, tok, 48, log=lambda *a: None))
@@ -603,15 +606,15 @@ def test_grpo_and_ppo_with_lora_train_only_the_adapter(tiny_run, tmp_path):
     iteration's KL to it is exactly 0 (B starts at 0, so the policy *is* its reference), and
     the checkpoint holds the adapter alone. (That the reference stays the init model while the
     adapter moves is test_dpo_with_lora_uses_the_adapters_off_as_its_reference's job.)"""
-    import align
+    import rl
 
     root, _ = tiny_run
     for method in ("grpo", "ppo"):
         out = tmp_path / method
-        cfg = run_cfg(root, out, method=method, prompts=str(root / "eval.jsonl"), task="story", max_iters=2,
-                      log_interval=1, prompts_per_iter=2, samples_per_prompt=4, max_new_tokens=4,
-                      minibatch_size=4, lora_rank=4, reference="lora")
-        assert align.train(cfg, log=lambda *a: None)["step"] == 2
+        cfg = rl_cfg(root, out, method=method, prompts=str(root / "eval.jsonl"), task="story", max_iters=2,
+                     log_interval=1, prompts_per_iter=2, samples_per_prompt=4, max_new_tokens=4,
+                     minibatch_size=4, lora_rank=4, reference="lora")
+        assert rl.train(cfg, log=lambda *a: None)["step"] == 2
         assert [json.loads(line) for line in open(out / "log.jsonl")][0]["kl"] == 0.0
         assert all(".lora_" in k for k in load_checkpoint(out / "ckpt.pt")["model"])
 
@@ -619,5 +622,5 @@ def test_grpo_and_ppo_with_lora_train_only_the_adapter(tiny_run, tmp_path):
 def test_docstring_examples():
     """The >>> examples lesson 14 wrote run as printed."""
     run_doctests(P.apply_lora, P.nf4_code, P.dynamic_code, P.blockwise_absmax, P.nf4_quantize,
-                 P.format_bytes)
+                 bench.format_bytes)
 #< L14

@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
+import bench
 import peft as P
 import sft
-from run import load_checkpoint, load_run
+from run import file_sha256, load_checkpoint, load_run
 from test_l10_real_chat import ROOT, make_hf_folder
 from test_l10_sft import sft_config
 from test_l14_peft import needs_peft
@@ -50,7 +51,7 @@ def test_lora_sft_from_a_folder_names_its_base_and_reloads(lora_run):
     root, folder = lora_run
     ckpt = load_checkpoint(root / "out" / "ckpt.pt")
     assert ckpt["lora"]["base"] == str(folder.resolve())
-    assert ckpt["lora"]["base_sha256"] == P.file_sha256(folder) and ckpt["chat"]
+    assert ckpt["lora"]["base_sha256"] == file_sha256(folder) and ckpt["chat"]
     assert all(".lora_" in k for k in ckpt["model"])
     model, tok, _ = load_run(root / "out")
     base, _, _ = load_run(folder)
@@ -76,7 +77,7 @@ def test_peft_library_loads_the_adapter_of_a_folder_run(lora_run):
     P.save_adapter(model, root / "adapter", base_model=folder)
     idx = torch.tensor([tok.render_conversation(CHATS[1])[0]])
     torch.save(idx, root / "idx.pt")
-    P.run_outside_repo(PEFT_ORACLE, root)
+    bench.run_outside_repo(PEFT_ORACLE, root)
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], torch.load(root / "out.pt", weights_only=True),
                                    rtol=0, atol=2e-5)

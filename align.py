@@ -21,7 +21,6 @@ instructions with human feedback" (InstructGPT).
 
 import copy
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -44,20 +43,27 @@ from run import LORA_DEFAULTS, adapter_checkpoint, apply_adapter
 # Config: every key a run can set, with its default. A config file or
 # --key=value overrides these; anything else is an error that lists them.
 
-DEFAULTS = dict(
-    method="dpo",  # "dpo" (lesson 11) or "reward" (12)
+# Where a tuning run starts and how its loop runs: align.py's and rl.py's alike.
+TUNE_DEFAULTS = dict(
     init="out/sft",  # the run folder (or ckpt.pt) to start from: lesson 10's SFT model
     out_dir="",  # empty: out/<method>
     seed=1337,
     lr=1e-4,
     weight_decay=0.0,
     grad_clip=1.0,  # max global gradient norm; 0 disables
-    batch_size=8,  # pairs per step
     max_iters=200,
     log_interval=10,
     eval_interval=50,
+    # device ("auto": cuda > mps > cpu), resume, and dtype: float32 for exact log-probs and
+    # ratios ("auto": bf16 autocast where native, faster)
+    **{**RUN_DEFAULTS, "dtype": "float32"},
+)
+
+DEFAULTS = dict(
+    method="dpo",  # "dpo" (lesson 11) or "reward" (12)
+    **TUNE_DEFAULTS,
+    batch_size=8,  # pairs per step
     eval_examples=200,  # DPO: held-out questions for exact match before/after
-    **RUN_DEFAULTS,  # device ("auto": cuda > mps > cpu), dtype (below), resume
     # DPO: defaults as TRL's DPOConfig
     beta=0.1,  # how far from the reference the policy may move: small beta, far
     loss_type="sigmoid",  # "sigmoid" (DPO), "ipo", "hinge"
@@ -75,7 +81,6 @@ DEFAULTS = dict(
     **LORA_DEFAULTS,  # lora_rank > 0: train a LoRA adapter on the init model (lesson 14)
     #< L14
 )
-DEFAULTS["dtype"] = "float32"  # exact log-probs and ratios; "auto": bf16 autocast where native (faster)
 RESUMABLE = RESUMABLE | {"eval_examples"}  # what a resumed run may change: run.py's, and the evaluation
 
 # -----------------------------------------------------------------------------
@@ -634,17 +639,6 @@ def train(cfg, log=print):
     return {"step": step, "before": before, "after": after, "seconds": seconds}
 
 
-def exit_if_elsewhere(argv, homes):
-    """`python align.py config/ppo.py`, from before rl.py took PPO and GRPO: exit with one
-    line naming the command to use. homes: method -> its file; the method is the config
-    file's `method = "..."` line or a later --method=."""
-    text = "\n".join([Path(argv[0]).read_text() if argv and Path(argv[0]).is_file() else ""] + argv[1:])
-    said = re.findall(r"^(?:--)?method\s*=\s*[\"']?(\w+)", text, re.M)
-    if said and said[-1] in homes:
-        sys.exit(f"method {said[-1]!r} is trained by {homes[said[-1]]}: python {homes[said[-1]]} {' '.join(argv)}")
-
-
 if __name__ == "__main__":
-    exit_if_elsewhere(sys.argv[1:], {"ppo": "rl.py", "grpo": "rl.py"})  # learning from rewards
-    run_main("align.py", DEFAULTS, train, sys.argv[1:])
+    run_main("align.py", DEFAULTS, train, sys.argv[1:], {"ppo": "rl.py", "grpo": "rl.py"})
 #< L11

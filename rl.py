@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from align import (backward_and_step, batch_indices, exit_if_elsewhere, held_out_exact_match, last_index,
+from align import (TUNE_DEFAULTS, backward_and_step, batch_indices, held_out_exact_match, last_index,
                    load_reward_model, make_reference, masked_mean, next_token_logprobs, reward_scores,
                    with_scalar_head)
-from run import (RESUMABLE, RUN_DEFAULTS, check_resume, load_checkpoint, load_run, logged, plot_log,
+from run import (RESUMABLE, check_resume, load_checkpoint, load_run, logged, plot_log,
                  refresh_data_on_rank0, resume_training, run_main, save_checkpoint, start_run, training_state)
 from tokenizer import chat_end, read_conversations
 #> L14 import
@@ -51,17 +51,8 @@ from run import LORA_DEFAULTS
 
 DEFAULTS = dict(
     method="ppo",  # "ppo" (lesson 12) or "grpo" (13)
-    init="out/sft",  # the run folder (or ckpt.pt) to start from: lesson 10's SFT model
-    out_dir="",  # empty: out/<method>
-    seed=1337,
-    lr=1e-4,
-    weight_decay=0.0,
-    grad_clip=1.0,  # max global gradient norm; 0 disables
-    max_iters=200,
-    log_interval=10,
-    eval_interval=50,
+    **TUNE_DEFAULTS,  # init, out_dir, seed, lr, ..., dtype float32: as align.py
     eval_examples=200,  # held-out questions of the task for exact match before/after
-    **RUN_DEFAULTS,  # device ("auto": cuda > mps > cpu), dtype (below), resume
     reference="copy",  # the KL's anchor: a frozen "copy" of the init model; "lora": lesson 14
     eval_story="data/sft/eval_story.jsonl",  # held-out questions for exact match (lesson 10)
     eval_arith="data/sft/eval_arith.jsonl",
@@ -99,7 +90,6 @@ DEFAULTS = dict(
     **LORA_DEFAULTS,  # lora_rank > 0: train a LoRA adapter on the init model (lesson 14)
     #< L14
 )
-DEFAULTS["dtype"] = "float32"  # exact log-probs and ratios; "auto": bf16 autocast where native (faster)
 RESUMABLE = RESUMABLE | {"eval_examples"}  # what a resumed run may change: run.py's, and the evaluation
 
 
@@ -625,6 +615,5 @@ def train(cfg, log=print):
 
 
 if __name__ == "__main__":
-    exit_if_elsewhere(sys.argv[1:], {"dpo": "align.py", "reward": "align.py"})  # learning from pairs
-    run_main("rl.py", DEFAULTS, train, sys.argv[1:])
+    run_main("rl.py", DEFAULTS, train, sys.argv[1:], {"dpo": "align.py", "reward": "align.py"})
 #< L12

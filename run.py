@@ -367,14 +367,17 @@ def check_resume(ckpt, cfg, resumable, mcfg=None, tok=None):
                          "checkpoint; resume with its config, or start anew with another --out_dir")
 
 
-def run_main(script, defaults, train, argv):
+def run_main(script, defaults, train, argv, elsewhere=None):
     """A training stage's command line: `python SCRIPT config/FILE.py [--key=value ...]`.
 
     Every key of `defaults` can come from the file or the command line;
     load_config prints the result, so each log starts with exactly what ran.
     Bad input ends in one line naming the problem; under torchrun every process
-    leaves in order.
+    leaves in order. elsewhere: {method: script} of the methods another script
+    trains (`python align.py config/ppo.py` names rl.py), read from the config's
+    `method = "..."` line or a later --method=.
     """
+    import re
     import sys
     import traceback
 
@@ -382,6 +385,11 @@ def run_main(script, defaults, train, argv):
 
     if not argv or argv[0].startswith("--"):
         sys.exit(f"usage: python {script} config/FILE.py [--key=value ...]")
+    text = "\n".join([Path(argv[0]).read_text() if Path(argv[0]).is_file() else ""] + argv[1:])
+    said = re.findall(r"^(?:--)?method\s*=\s*[\"']?(\w+)", text, re.M)
+    if said and said[-1] in (elsewhere or {}):
+        sys.exit(f"method {said[-1]!r} is trained by {elsewhere[said[-1]]}: python {elsewhere[said[-1]]} "
+                 + " ".join(argv))
     try:
         result = train(load_config(argv[0], defaults, argv[1:]))
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: the message is the help

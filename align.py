@@ -30,10 +30,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.chats import jsonl_rows, read_conversations, refresh_built_in, refresh_data_on_rank0
 from run import (RESUMABLE, RUN_DEFAULTS, chat_exact_match, check_resume, exact_match_line, load_checkpoint,
-                 load_run, logged, model_from_checkpoint, optimizer_step, plot_log, refresh_data_on_rank0,
+                 load_run, logged, model_from_checkpoint, optimizer_step, plot_log,
                  resume_training, run_main, save_checkpoint, start_run, token_logprobs, training_state)
-from tokenizer import jsonl_rows, read_conversations, refresh_built_in
 #> L14 import
 import peft
 from run import LORA_DEFAULTS, adapter_checkpoint, apply_adapter
@@ -553,21 +553,27 @@ def start_lora(policy, cfg, ckpt=None):
 #< L14
 
 
-def train(cfg, log=print):
-    """Run cfg["method"] from cfg["init"]; returns {"step", "before", "after", "seconds"}."""
-    if cfg["method"] not in SETUPS:
-        raise ValueError(f"unknown method {cfg['method']!r}; choose one of {sorted(SETUPS)}")
-    t_start = time.time()
+def start_tuning(cfg, setups, log):
+    """The start of align.py's and rl.py's runs: this process's place (run.start_run), the
+    built-in data, the checkpoint to resume (None if not) and the policy to tune, seeded.
+    Returns ((rank, world, device, log, autocast, scaler), out, ckpt, policy, tok)."""
+    if cfg["method"] not in setups:
+        raise ValueError(f"unknown method {cfg['method']!r}; choose one of {sorted(setups)}")
     ddp, rank, world, device, log, autocast, scaler = start_run(cfg, log)
-    master = rank == 0  # only one process evaluates, logs and writes files
-    refresh_data_on_rank0(cfg, ddp, master)
+    refresh_data_on_rank0(cfg, ddp, rank == 0)
     out = Path(cfg["out_dir"] or f"out/{cfg['method']}")
-    ckpt_path = out / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path, device) if cfg["resume"] else None  # fail fast
-    if ckpt:  # the keys that may change on a resume; any other difference is refused
-        check_resume(ckpt, {**cfg, "out_dir": str(out)}, RESUMABLE)
+    if ckpt := load_checkpoint(out / "ckpt.pt", device) if cfg["resume"] else None:  # fail fast
+        check_resume(ckpt, {**cfg, "out_dir": str(out)}, RESUMABLE)  # the config may differ only in RESUMABLE
     torch.manual_seed(cfg["seed"])
     policy, tok, _ = load_run(cfg["init"], device)
+    return (rank, world, device, log, autocast, scaler), out, ckpt, policy, tok
+
+
+def train(cfg, log=print):
+    """Run cfg["method"] from cfg["init"]; returns {"step", "before", "after", "seconds"}."""
+    t_start = time.time()
+    (rank, world, device, log, autocast, scaler), out, ckpt, policy, tok = start_tuning(cfg, SETUPS, log)
+    master, ckpt_path = rank == 0, out / "ckpt.pt"  # only one process evaluates, logs and writes files
     #> L14 lora
     if cfg["lora_rank"] and cfg["method"] == "reward":
         raise ValueError("lora_rank: the reward model trains every weight (its checkpoint is "

@@ -19,15 +19,11 @@ import torch
 from run import load_run, stream_text
 
 
-def command(line, settings, chat=None):
-    """Apply a /command to settings (and, in chat mode, to the chat); returns the message to print."""
+def command(line, settings):
+    """Apply a /command to the sampling settings; returns the message to print."""
     name, _, value = line[1:].partition(" ")
     # Each sampling setting and the type its value must parse as; "/topk" alone turns it off.
     keys = {"temp": float, "topk": int, "topp": float, "len": int}
-    #> L10 chat-mode
-    if chat is not None and name in ("system", "history", "reset"):
-        return chat_command(name, value, chat)
-    #< L10
     if name == "reset":
         return "history cleared"
     if name not in keys:
@@ -98,7 +94,9 @@ def chat_loop(model, tok, settings, generator, interactive):
             return
         line = line.rstrip("\n")
         if line.startswith("/"):
-            print(command(line, settings, chat), flush=True)
+            name, _, value = line[1:].partition(" ")  # the chat's own commands first
+            print(chat_command(name, value, chat) if name in ("system", "history", "reset")
+                  else command(line, settings), flush=True)
             continue
         if not line.strip():
             continue

@@ -38,7 +38,7 @@ import torch
 from run import load_run, stream_text, token_logprobs
 #> L10 chat-tasks
 from run import chat_exact_match  # through the chat template (lesson 10)
-from tokenizer import read_conversations
+from data.chats import read_conversations
 #< L10
 
 HERE = Path(__file__).resolve().parent

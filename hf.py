@@ -31,7 +31,7 @@ import torch
 
 from model import CausalLM, ModelConfig, rope_cos_sin, sinusoidal_positions
 #> L10 hf-tokenizer
-from tokenizer import CHAT_TOKENS, GPT2_SPLIT_PATTERN, STATE_READERS, BPETokenizer, _check_message, _read_json
+from tokenizer import CHAT_TOKENS, GPT2_SPLIT_PATTERN, BPETokenizer, check_message, read_json
 #< L10
 
 
@@ -373,9 +373,9 @@ class HFTokenizer(BPETokenizer):
     names the format, so every run made from the model keeps its layout. Without
     a template (GPT-2, a base model) it is our tokenizer with their vocabulary.
 
-    tokenizer.py never imports this file: the stages read template_tokens and
-    template_end through its chat_tokens and chat_end, and its load_tokenizer
-    finds this class in STATE_READERS, where hf.py puts it (below).
+    tokenizer.py never imports this file: the stages ask any tokenizer for its
+    template_tokens and template_end, which this class overrides, and
+    run.load_tokenizer rebuilds it from a checkpoint's state.
     """
 
     def __init__(self, *args, **kwargs):
@@ -395,7 +395,7 @@ class HFTokenizer(BPETokenizer):
         """
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
-        data = _read_json(file)
+        data = read_json(file)
         model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
         if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
             raise ValueError(f"{file}: only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) are "
@@ -448,7 +448,7 @@ class HFTokenizer(BPETokenizer):
         struct = lambda parts, role="": [(p.format(role=role), 0, is_special(p)) for p in parts]
         pieces, last = struct(fmt["begin"]), len(messages) - 1
         for i in range(len(messages)):
-            role, content = _check_message(messages, i, for_completion)
+            role, content = check_message(messages, i, for_completion)
             try:  # content may not contain special-token text: it would become structure
                 self.encode(content)
             except ValueError as e:
@@ -484,12 +484,12 @@ class HFTokenizer(BPETokenizer):
 
     @property
     def template_tokens(self):
-        """The special tokens our render writes (what tokenizer.chat_tokens returns)."""
+        """The special tokens our render writes (BPETokenizer's are tokenizer.CHAT_TOKENS)."""
         return format_tokens(self.chat_format["name"]) if self.chat_format else CHAT_TOKENS
 
     @property
     def template_end(self):
-        """The token that ends a reply (what tokenizer.chat_end returns): <|im_end|> for
+        """The token that ends a reply : <|im_end|> for
         ChatML and Qwen3, <|eot_id|> for Llama 3."""
         return CHAT_FORMATS[self.chat_format["name"]]["end"][0] if self.chat_format else "<|assistant_end|>"
 
@@ -506,12 +506,6 @@ class HFTokenizer(BPETokenizer):
         return tok
 
 
-# A tokenizer state with "chat_format" in it (a checkpoint of a run made from a real model)
-# is an HFTokenizer's: tokenizer.load_tokenizer, which cannot import this file, finds the
-# class here once hf.py is imported.
-STATE_READERS["chat_format"] = HFTokenizer
-
-
 # -----------------------------------------------------------------------------
 # A model folder as a run
 
@@ -520,6 +514,28 @@ def is_hf_folder(path):
     """A Hugging Face model folder (config.json + weights), not one of our run folders."""
     path = Path(path)
     return path.is_dir() and (path / "config.json").exists() and not (path / "ckpt.pt").exists()
+
+
+#> L14 lora-base
+def file_sha256(path):
+    """SHA-256 of a checkpoint file, or of a Hugging Face folder's config and weights."""
+    import hashlib
+
+    path = Path(path)
+    if path.is_dir():  # the folder's files that define the model, in a fixed order
+        digest = hashlib.sha256()
+        for file in [path / "config.json", *sorted(path.glob("*.safetensors"))]:
+            digest.update(file.name.encode() + bytes.fromhex(file_sha256(file)))
+        return digest.hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_file(path):
+    """What a LoRA run's base is: a ckpt.pt, or a Hugging Face folder as a whole."""
+    path = Path(path)
+    return path / "ckpt.pt" if path.is_dir() and not is_hf_folder(path) else path
+#< L14
 
 
 def load_hf_run(path, device="cpu", dtype=None):

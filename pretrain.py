@@ -26,18 +26,8 @@ import numpy as np
 import torch
 
 from model import CausalLM, ModelConfig, preset
-from tokenizer import load_tokenizer
+from run import load_tokenizer
 
-#> L08 imports
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-# The loop's plumbing (lesson 07's lr schedule and clipping included) lives in run.py:
-# sft.py, align.py and rl.py run the same loop.
-from run import (RESUMABLE, RUN_DEFAULTS, check_resume, get_lr, load_checkpoint, logged, optimizer_step,
-                 plot_log, progress_line, resume_training, run_main, save_checkpoint, start_run,
-                 training_state)
-#< L08
 
 # -----------------------------------------------------------------------------
 # Config: every key a run can set, with its default. A config file or
@@ -67,6 +57,15 @@ DEFAULTS.update(
 )
 #< L07
 #> L08 config
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# The loop's plumbing (lesson 07's lr schedule and clipping included) lives in run.py:
+# sft.py, align.py and rl.py run the same loop.
+from run import (RESUMABLE, RUN_DEFAULTS, check_resume, get_lr, load_checkpoint, logged, optimizer_step,
+                 plot_log, progress_line, resume_training, run_main, save_checkpoint, start_run,
+                 training_state)
+
 DEFAULTS.update(
     grad_accum=1,  # micro-batches per optimizer step (per process)
     **RUN_DEFAULTS,  # device ("auto": cuda > mps > cpu), dtype ("auto": bf16 where native), resume

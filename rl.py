@@ -28,17 +28,15 @@ import json
 import re
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from align import (TUNE_DEFAULTS, backward_and_step, batch_indices, held_out_exact_match, last_index,
                    load_reward_model, make_reference, masked_mean, next_token_logprobs, reward_scores,
-                   with_scalar_head)
-from run import (RESUMABLE, check_resume, load_checkpoint, load_run, logged, plot_log,
-                 refresh_data_on_rank0, resume_training, run_main, save_checkpoint, start_run, training_state)
-from tokenizer import chat_end, read_conversations
+                   start_tuning, with_scalar_head)
+from data.chats import read_conversations
+from run import logged, plot_log, resume_training, run_main, save_checkpoint, training_state
 #> L14 import
 import peft
 from align import start_lora
@@ -90,7 +88,6 @@ DEFAULTS = dict(
     **LORA_DEFAULTS,  # lora_rank > 0: train a LoRA adapter on the init model (lesson 14)
     #< L14
 )
-RESUMABLE = RESUMABLE | {"eval_examples"}  # what a resumed run may change: run.py's, and the evaluation
 
 
 # -----------------------------------------------------------------------------
@@ -297,7 +294,7 @@ def setup_rl(policy, tok, cfg, device, log):
     """What PPO and GRPO share: prompts of the task, the end token, the frozen reference."""
     examples = read_prompts(cfg["prompts"], tok, cfg["task"])
     log(f"{cfg['prompts']}: {len(examples):,} {cfg['task']} prompts")
-    eos_id = tok.special_tokens[chat_end(tok)]  # <|assistant_end|>, or a real model's end token
+    eos_id = tok.special_tokens[tok.template_end]  # <|assistant_end|>, or a real model's end token
     ref = make_reference(policy, cfg, device)
 
     def batch(i):  # prompts of iteration i, and its sampling noise: a function of (seed, i)
@@ -530,19 +527,9 @@ SETUPS = {
 
 def train(cfg, log=print):
     """Run cfg["method"] from cfg["init"]; returns {"step", "before", "after", "seconds"}."""
-    if cfg["method"] not in SETUPS:
-        raise ValueError(f"unknown method {cfg['method']!r}; choose one of {sorted(SETUPS)}")
     t_start = time.time()
-    ddp, rank, world, device, log, autocast, scaler = start_run(cfg, log)
-    master = rank == 0  # only one process evaluates, logs and writes files
-    refresh_data_on_rank0(cfg, ddp, master)
-    out = Path(cfg["out_dir"] or f"out/{cfg['method']}")
-    ckpt_path = out / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path, device) if cfg["resume"] else None  # fail fast
-    if ckpt:  # the keys that may change on a resume; any other difference is refused
-        check_resume(ckpt, {**cfg, "out_dir": str(out)}, RESUMABLE)
-    torch.manual_seed(cfg["seed"])
-    policy, tok, _ = load_run(cfg["init"], device)
+    (rank, world, device, log, autocast, scaler), out, ckpt, policy, tok = start_tuning(cfg, SETUPS, log)
+    master, ckpt_path = rank == 0, out / "ckpt.pt"  # only one process evaluates, logs and writes files
     #> L14 lora
     adapter = start_lora(policy, cfg, ckpt)  # lora_rank > 0: only an adapter trains
     #< L14

@@ -5,20 +5,18 @@ run.py -- what every stage's run needs, written once.
 pretrain.py, sft.py, align.py and rl.py each teach their own loop; what those
 loops have in common lives here, so a stage file shows only what is new in it:
 
-  lesson 06  load_config: `name = value` config files and --key=value overrides
+  lesson 06  load_config (`name = value` files, --key=value), load_tokenizer
   lesson 07  get_lr (warmup + cosine) and clip_grad_norm
   lesson 08  device and precision, atomic checkpoints and exact resume, the
              optimizer step with its guards, the progress line, run_main
-  lesson 09  load_run: a model and its tokenizer from any run folder
-  lesson 10  replies through the chat template, exact match with its Wilson
-             interval
+  lesson 09  load_run (a model and its tokenizer from any run folder); text
+             streamed as tokens arrive; lesson 10 replies and exact match
 
     from run import load_run
     model, tok, ckpt = load_run("out/sft")   # a run folder, a ckpt.pt or a HF folder
 """
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 
 import hf
 from model import CausalLM, ModelConfig
-from tokenizer import load_tokenizer
+from tokenizer import BPETokenizer, CharTokenizer, check_state, read_json
 #> L14 import
 import peft
 #< L14
@@ -83,6 +81,19 @@ def load_config(path, defaults, overrides=()):
         put(name, value, f"override {arg}")
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in cfg.items()))
     return cfg
+
+
+def load_tokenizer(source):
+    """A CharTokenizer, BPETokenizer or hf.HFTokenizer, whichever `source` holds: a file path, or the
+    state dict a checkpoint carries (so a run folder works wherever it is copied)."""
+    where = "the checkpoint's tokenizer" if isinstance(source, dict) else source
+    data = source if isinstance(source, dict) else read_json(source)
+    kind = check_state(data, ("intro2llm-char", "intro2llm-bpe"), where)["format"]
+    #> L10 real-templates
+    if "chat_format" in data:  # a run made from Qwen3 or Llama 3: their chat template (hf.py)
+        return hf.HFTokenizer.from_state(data, where)
+    #< L10
+    return (CharTokenizer if kind == "intro2llm-char" else BPETokenizer).from_state(data, where)
 #< L06
 #> L07 schedule exercise
 
@@ -183,22 +194,6 @@ def setup_device(cfg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return True, rank, world, device, f"{device} (torchrun rank {rank} of {world}, {backend})"
-#> L10 built-in-data
-
-
-def refresh_data_on_rank0(cfg, ddp, master):
-    """Under torchrun, rank 0 makes the built-in chat sets (or remakes stale ones:
-    tokenizer.refresh_built_in) of every *.jsonl path in cfg while the other ranks wait.
-    Every rank writing the same files at once could hand a reader half a file."""
-    import torch.distributed as dist
-    from tokenizer import refresh_built_in
-
-    if ddp:
-        if master:
-            for path in [v for v in cfg.values() if isinstance(v, str) and v.endswith(".jsonl")]:
-                refresh_built_in(Path(path).parent)
-        dist.barrier()
-#< L10
 
 
 def setup_precision(device, requested="auto"):
@@ -224,8 +219,7 @@ def start_run(cfg, log=print):
     return ddp, rank, world, device, log, autocast, scaler
 
 
-# Keys every stage's config has, for how it runs (not what it learns); each stage's
-# DEFAULTS starts from them.
+# Keys of every stage's config: how it runs, not what it learns (DEFAULTS start here).
 RUN_DEFAULTS = dict(
     device="auto",  # auto: cuda > mps > cpu
     dtype="auto",  # auto: bf16 where native, fp16 on old GPUs, else fp32
@@ -484,6 +478,41 @@ def token_logprobs(logits, targets):
     return logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * (targets != -1)
 
 
+def decode_stream(tok, tokens, stop_ids=()):
+    """Yield text pieces as token ids arrive (chat.py prints them as they come).
+
+    subtle: a BPE token can end in the middle of a UTF-8 character, so one
+    token's bytes may not decode alone. We decode everything so far and hold
+    the text back while its tail is incomplete (U+FFFD), yielding only the new
+    part. Stops at the first id in stop_ids (not yielded); a character still
+    incomplete at the end comes out as U+FFFD rather than vanishing. An id past
+    the vocabulary has no text and shows as nothing, as in `tokenizers`: Qwen3
+    pads its embedding to 151,936 rows for 151,669 tokens, and an untrained or
+    hot-sampled model can pick a padding row.
+    >>> tok = BPETokenizer()  # bytes only: "é" is two tokens, 0xC3 0xA9
+    >>> list(decode_stream(tok, [104, 0xC3, 0xA9, 33, 0, 104], stop_ids={0}))
+    ['h', 'é', '!']
+    >>> list(decode_stream(tok, [104, 0xC3]))
+    ['h', '�']
+    >>> list(decode_stream(tok, [104, 300, 105]))
+    ['h', 'i']
+    """
+    new, shown = [], 0
+    for t in tokens:
+        t = int(t)  # a 0-d or one-element tensor from model.stream, or an int
+        if t in stop_ids:
+            break
+        if t >= tok.vocab_size:
+            continue
+        new.append(t)
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):
+            yield text[shown:]
+            shown = len(text)
+    if tail := tok.decode(new)[shown:]:  # bytes that never completed a character: show them
+        yield tail
+
+
 def stream_text(model, tok, ids, max_new_tokens, eos_id=None, stop_ids=(), temperature=0.0,
                 top_k=None, top_p=None, generator=None):
     """Text pieces of the continuation of the prompt `ids`, yielded as tokens arrive.
@@ -491,8 +520,6 @@ def stream_text(model, tok, ids, max_new_tokens, eos_id=None, stop_ids=(), tempe
     Positions past block_size were never trained: only the newest block_size tokens
     are kept. Generation stops at eos_id; the text stops at it or any of stop_ids
     (chat.py prints each piece at once; eval.py and exact match join them)."""
-    from tokenizer import decode_stream  # lesson 09's incremental decoding
-
     prompt = torch.tensor([ids[-model.cfg.block_size:]], device=next(model.parameters()).device)
     tokens = model.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           eos_id=eos_id, generator=generator)
@@ -515,12 +542,10 @@ def chat_stream(model, tok, messages, max_new_tokens=32, temperature=0.0, top_k=
     produce is what makes a chat model stop talking. (A real model's template,
     hf.CHAT_FORMATS, has its own: <|im_end|> for Qwen3, <|eot_id|> for Llama 3.)
     """
-    from tokenizer import chat_end  # lesson 10's: imported where chat begins
-
     ids, _ = tok.render_conversation(messages, for_completion=True)
     # A base model never learned the end of a turn; its end of a document ends the reply too.
     docs = [tok.special_tokens.get(t) for t in ("<|endoftext|>", "<|end_of_text|>")]
-    return stream_text(model, tok, ids, max_new_tokens, tok.special_tokens[chat_end(tok)], docs,
+    return stream_text(model, tok, ids, max_new_tokens, tok.special_tokens[tok.template_end], docs,
                        temperature, top_k, top_p, generator)
 
 
@@ -582,24 +607,6 @@ def exact_match_line(name, r):
 # LoRA runs (lesson 14): a checkpoint that holds the adapter alone and names its base
 
 
-def file_sha256(path):
-    """SHA-256 of a checkpoint file, or of a Hugging Face folder's config and weights."""
-    path = Path(path)
-    if path.is_dir():  # the folder's files that define the model, in a fixed order
-        digest = hashlib.sha256()
-        for file in [path / "config.json", *sorted(path.glob("*.safetensors"))]:
-            digest.update(file.name.encode() + bytes.fromhex(file_sha256(file)))
-        return digest.hexdigest()
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def checkpoint_file(path):
-    """What a LoRA run's base is: a ckpt.pt, or a Hugging Face folder as a whole."""
-    path = Path(path)
-    return path / "ckpt.pt" if path.is_dir() and not hf.is_hf_folder(path) else path
-
-
 def apply_adapter(model, settings):
     """apply_lora or apply_qlora as `settings` (a LoRA run's checkpoint["lora"]) say."""
     targets = settings["targets"]
@@ -614,16 +621,16 @@ def apply_adapter(model, settings):
 def adapter_checkpoint(model, settings, base):
     """The parts of a checkpoint that make it a LoRA run's: its weights are the A, B
     pairs alone (KBs, not MBs), and it names the base checkpoint and its SHA-256."""
-    base = checkpoint_file(base).resolve()
+    base = hf.checkpoint_file(base).resolve()
     return {"model": peft.lora_state_dict(model),
-            "lora": {**settings, "base": str(base), "base_sha256": file_sha256(base)}}
+            "lora": {**settings, "base": str(base), "base_sha256": hf.file_sha256(base)}}
 
 
 def attach_adapter(model, ckpt):
     """Wrap the base `model` as a LoRA run's checkpoint says and load its A, B pairs;
     refuses a base whose bytes changed since (the adapter would be meaningless)."""
     settings = ckpt["lora"]
-    if file_sha256(settings["base"]) != settings["base_sha256"]:
+    if hf.file_sha256(settings["base"]) != settings["base_sha256"]:
         raise ValueError(f"the base checkpoint {settings['base']} changed since this adapter was "
                          "trained (SHA-256 differs); restore that base or retrain the adapter")
     apply_adapter(model, settings)

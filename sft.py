@@ -32,10 +32,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data.chats import read_conversations, refresh_data_on_rank0
 from run import (RESUMABLE, RUN_DEFAULTS, chat_exact_match, check_resume, exact_match_line, get_lr,
-                 load_run, logged, optimizer_step, plot_log, progress_line, refresh_data_on_rank0,
+                 load_run, logged, optimizer_step, plot_log, progress_line,
                  resume_training, run_main, save_checkpoint, start_run, training_state)
-from tokenizer import chat_tokens, read_conversations
+from tokenizer import CHAT_TOKENS
 #> L14 import
 import peft
 from run import LORA_DEFAULTS, adapter_checkpoint, apply_adapter
@@ -269,7 +270,7 @@ def check_chat_tokens(tok, path):
     """A base model must have embedding rows for the template's tokens (lesson 10's
     data/prepare.py reserves them; a Hugging Face model's come with its tokenizer);
     an older base run cannot be fine-tuned."""
-    missing = [t for t in chat_tokens(tok) if t not in getattr(tok, "special_tokens", {})]
+    missing = [t for t in getattr(tok, "template_tokens", CHAT_TOKENS) if t not in getattr(tok, "special_tokens", {})]
     if missing:
         raise ValueError(f"the tokenizer of {path} lacks the chat tokens {missing}: it was built "
                          "before lesson 10. Rebuild the data and the base model: rm -r "
@@ -288,7 +289,7 @@ def train(cfg):
     model, tok, ckpt = load_run(ckpt_path if cfg["resume"] else cfg["init"], device)
     check_chat_tokens(tok, cfg["init"])
     #> L14 lora
-    rows = {"chat": [tok.special_tokens[t] for t in chat_tokens(tok)], "all": list(range(tok.vocab_size)),
+    rows = {"chat": [tok.special_tokens[t] for t in tok.template_tokens], "all": list(range(tok.vocab_size)),
             "none": []}
     if cfg["lora_tokens"] not in rows:
         raise ValueError(f"lora_tokens={cfg['lora_tokens']!r}: choose one of {sorted(rows)}")

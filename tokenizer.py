@@ -24,10 +24,6 @@ check that it agrees with tiktoken token for token).
 """
 
 import argparse
-#> L10 conversations
-import functools
-import subprocess
-#< L10
 import heapq
 import json
 import sys
@@ -35,7 +31,6 @@ import time
 import unicodedata
 from collections import Counter, defaultdict
 from itertools import chain
-from pathlib import Path
 
 import regex  # the `regex` package (tiktoken depends on it): \p{L} classes, possessives
 
@@ -66,7 +61,19 @@ FORMAT_VERSION = 1  # bump when the JSON layout changes; load() refuses other ve
 # The character tokenizer
 
 
-class CharTokenizer:
+class Saved:
+    """save(path) and load(path) for both tokenizers: state() as one readable JSON file."""
+
+    def save(self, path):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.state(), f, ensure_ascii=False, indent=0)
+
+    @classmethod
+    def load(cls, path):
+        return cls.from_state(read_json(path), path)
+
+
+class CharTokenizer(Saved):
     """Every distinct character of the training text is one token.
 
     >>> tok = CharTokenizer.train("hello")
@@ -102,18 +109,10 @@ class CharTokenizer:
 
     @classmethod
     def from_state(cls, data, where="tokenizer state"):
-        return cls(_check_state(data, "intro2llm-char", where)["chars"])
-
-    def save(self, path):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.state(), f)
-
-    @classmethod
-    def load(cls, path):
-        return cls.from_state(_read_json(path), path)
+        return cls(check_state(data, "intro2llm-char", where)["chars"])
 
 
-def _read_json(path):
+def read_json(path):
     """Parse a tokenizer file; `from_state` then checks that it is ours."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -123,7 +122,7 @@ def _read_json(path):
                          "retrain it with `python tokenizer.py train`") from None
 
 
-def _check_state(data, kind, where):
+def check_state(data, kind, where):
     """Refuse a state (from a file or a checkpoint) that is not ours or not this version."""
     kinds = (kind,) if isinstance(kind, str) else kind
     if not isinstance(data, dict) or data.get("format") not in kinds:
@@ -280,7 +279,7 @@ class ChunkCache(dict):
         return ids
 
 
-class BPETokenizer:
+class BPETokenizer(Saved):
     """Byte-level BPE with regex pre-splitting and special tokens.
 
     State: `merges` {(a, b): new_id} in learning order, `vocab` {id: bytes},
@@ -467,6 +466,13 @@ class BPETokenizer:
     #> L10 template exercise
     # ---- the chat template (lesson 10) -------------------------------------
 
+    # Which special tokens this template writes (a base model needs their embedding
+    # rows; LoRA's lora_tokens="chat" trains exactly these) and which one ends a reply.
+    # hf.py's HFTokenizer renders Qwen3's or Llama 3's template and overrides both, so
+    # the stages ask the tokenizer, never this file.
+    template_tokens = CHAT_TOKENS
+    template_end = "<|assistant_end|>"
+
     def render_conversation(self, messages, for_completion=False):
         """A conversation -> (ids, mask): the token stream and which tokens to learn.
 
@@ -496,7 +502,7 @@ class BPETokenizer:
         sp = self.special_tokens
         ids, mask = [sp["<|bos|>"]], [0]
         for i, msg in enumerate(messages):
-            role, content = _check_message(messages, i, for_completion)
+            role, content = check_message(messages, i, for_completion)
             try:  # subtle: the default disallowed_special="all" is what keeps text out of structure
                 body = self.encode(content)
             except ValueError as e:
@@ -523,18 +529,9 @@ class BPETokenizer:
                 "merges": [[a, b, i] for (a, b), i in self.merges.items()],
                 **{k: True for k in ("nfc", "ignore_merges") if getattr(self, k)}}
 
-    def save(self, path):
-        """One readable JSON file."""
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.state(), f, ensure_ascii=False, indent=0)
-
-    @classmethod
-    def load(cls, path):
-        return cls.from_state(_read_json(path), path)
-
     @classmethod
     def from_state(cls, data, where="tokenizer state"):
-        data = _check_state(data, "intro2llm-bpe", where)
+        data = check_state(data, "intro2llm-bpe", where)
         try:
             tok = cls(data["pattern"], data["special_tokens"])
             tok.byte_ids = list(data["byte_ids"])
@@ -576,10 +573,10 @@ def _bpe_parts(token, ranks, max_rank):
 
 #> L10 conversations
 # -----------------------------------------------------------------------------
-# Conversations: the rules of the template, and chat JSONL files
+# The template's rules for a conversation (data/chats.py checks whole files with them)
 
 
-def _check_message(messages, i, for_completion):
+def check_message(messages, i, for_completion):
     """(role, content) of messages[i], or a ValueError saying what breaks the template:
     system only first, then user, assistant, user, ... ending where the use needs it."""
     msg, role_of = messages[i], lambda m: m.get("role") if isinstance(m, dict) else None
@@ -597,172 +594,7 @@ def _check_message(messages, i, for_completion):
         raise ValueError("a conversation to generate from must end with a user message" if for_completion
                          else "a training conversation must end with an assistant message")
     return role, msg["content"]
-
-
-def _alpaca(row):
-    """Convert an Alpaca line {"instruction", "input", "output"} (Taori et al. 2023) to
-    messages: the instruction and the optional input form the user turn.
-
-    >>> _alpaca({"instruction": "Add.", "input": "2+2", "output": "4"})
-    [{'role': 'user', 'content': 'Add.\\n\\n2+2'}, {'role': 'assistant', 'content': '4'}]
-    """
-    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-
-
-BUILT_IN = Path(__file__).resolve().parent / "data"  # data/sft and data/dpo in there are made for you
-
-
-def refresh_built_in(folder):
-    """The built-in chat sets, this repository's data/sft and data/dpo, are made by
-    data/prepare.py from data/storyworld.py: on first use, and again whenever the
-    code that writes them has changed since (otherwise a pull with new answer
-    wordings trains on the old ones). Any other folder is the user's: left alone."""
-    folder = Path(folder).resolve()
-    if folder.parent == BUILT_IN.resolve() and folder.name in ("sft", "dpo"):
-        _refresh(folder)
-
-
-@functools.cache  # once per folder and process
-def _refresh(folder):
-    prepare = Path(__file__).resolve().parent / "data" / "prepare.py"
-    subprocess.run([sys.executable, str(prepare), folder.name, "--out", str(folder), "--if_stale"], check=True)
-
-
-def jsonl_rows(path):
-    """(line number, value) for each non-blank line of a JSONL file. A line that is not
-    JSON fails with the file, its number and the column. subtle: parsed with its
-    newline, a line cut short would be reported as json's "line 2, column 1"."""
-    if Path(path).is_dir():
-        raise ValueError(f"{path} is a folder; give a .jsonl file (e.g. {Path(path) / 'train.jsonl'})")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue  # blank lines, e.g. a trailing one, carry nothing
-            try:
-                yield n, json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-
-
-def read_conversations(path, tok=None):
-    """Every conversation of a JSONL file as a list of messages, checked up front.
-
-    Each line is {"messages": [...]} (the format of OpenAI's fine-tuning API and
-    of Hugging Face chat datasets) or an Alpaca line, converted on read. A bad
-    line raises ValueError naming the file, the line and the problem, before any
-    training starts. Every conversation ends with an assistant message: the
-    target in training, the reference answer in eval and RL. With `tok`, the
-    result is each conversation rendered, (ids, mask) (what sft.py trains on),
-    so special-token text in content is caught with its line number too.
-    """
-    refresh_built_in(Path(path).parent)
-    out = []
-    for n, row in jsonl_rows(path):
-        try:
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            if "messages" in row:
-                messages = row["messages"]
-            elif {"instruction", "output"} <= row.keys():
-                messages = _alpaca(row)
-            else:
-                raise ValueError(f"expected a \"messages\" list or Alpaca keys instruction/input/"
-                                 f"output, got keys {sorted(row)}")
-            if not isinstance(messages, list) or not messages:
-                raise ValueError("\"messages\" must be a non-empty list")
-            for i in range(len(messages)):
-                _check_message(messages, i, False)
-            out.append(messages if tok is None else tok.render_conversation(messages))
-        except (ValueError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}:{n}: {e}") from None
-    if not out:
-        raise ValueError(f"{path} holds no conversations")
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Whose template: ours, or a real model's (hf.py)
-#
-# A tokenizer read from a Hugging Face tokenizer.json (hf.py's HFTokenizer, a
-# subclass) renders Qwen3's or Llama 3's template instead of ours, and carries
-# what the stages need to know about it as two attributes: `template_tokens`,
-# the special tokens its template writes, and `template_end`, the one that ends
-# a reply. The stages ask through the two functions below, so they work with
-# either kind while this file (layer 0) never imports hf.py.
-
-
-def chat_tokens(tok):
-    """The special tokens the tokenizer's chat template writes: a base model needs
-    their embedding rows, and LoRA's lora_tokens="chat" trains exactly these."""
-    return getattr(tok, "template_tokens", CHAT_TOKENS)
-
-
-def chat_end(tok):
-    """The token that ends an assistant turn: a reply is over when the model says it."""
-    return getattr(tok, "template_end", "<|assistant_end|>")
-
-
-# Tokenizer classes by the key they add to our state: hf.py registers its HFTokenizer
-# under "chat_format" when it is imported, so load_tokenizer rebuilds a checkpoint made
-# from Qwen3 or Llama 3 as one without importing it. (run.load_run imports hf.py first.)
-STATE_READERS = {}
 #< L10
-
-
-#> L06 load-any
-def load_tokenizer(source):
-    """A CharTokenizer or BPETokenizer, whichever `source` holds: a file path, or the
-    state dict a checkpoint carries (so a run folder works wherever it is copied)."""
-    where = "the checkpoint's tokenizer" if isinstance(source, dict) else source
-    data = source if isinstance(source, dict) else _read_json(source)
-    kind = _check_state(data, ("intro2llm-char", "intro2llm-bpe"), where)["format"]
-    #> L10 real-templates
-    if "chat_format" in data:  # a real model's template: only hf.py's HFTokenizer renders it
-        if "chat_format" not in STATE_READERS:
-            raise ValueError(f"{where} uses a Hugging Face model's chat template, which hf.py "
-                             "renders: `import hf` before loading it (run.load_run does)")
-        return STATE_READERS["chat_format"].from_state(data, where)
-    #< L10
-    return (CharTokenizer if kind == "intro2llm-char" else BPETokenizer).from_state(data, where)
-#< L06
-#> L09 decode-stream
-
-
-def decode_stream(tok, tokens, stop_ids=()):
-    """Yield text pieces as token ids arrive (chat.py prints them as they come).
-
-    subtle: a BPE token can end in the middle of a UTF-8 character, so one
-    token's bytes may not decode alone. We decode everything so far and hold
-    the text back while its tail is incomplete (U+FFFD), yielding only the new
-    part. Stops at the first id in stop_ids (not yielded); a character still
-    incomplete at the end comes out as U+FFFD rather than vanishing. An id past
-    the vocabulary has no text and shows as nothing, as in `tokenizers`: Qwen3
-    pads its embedding to 151,936 rows for 151,669 tokens, and an untrained or
-    hot-sampled model can pick a padding row.
-    >>> tok = BPETokenizer()  # bytes only: "é" is two tokens, 0xC3 0xA9
-    >>> list(decode_stream(tok, [104, 0xC3, 0xA9, 33, 0, 104], stop_ids={0}))
-    ['h', 'é', '!']
-    >>> list(decode_stream(tok, [104, 0xC3]))
-    ['h', '�']
-    >>> list(decode_stream(tok, [104, 300, 105]))
-    ['h', 'i']
-    """
-    new, shown = [], 0
-    for t in tokens:
-        t = int(t)  # a 0-d or one-element tensor from model.stream, or an int
-        if t in stop_ids:
-            break
-        if t >= tok.vocab_size:
-            continue
-        new.append(t)
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):
-            yield text[shown:]
-            shown = len(text)
-    if tail := tok.decode(new)[shown:]:  # bytes that never completed a character: show them
-        yield tail
-#< L09
 
 
 # -----------------------------------------------------------------------------
@@ -782,23 +614,6 @@ def show(tok, text, color=None):
     return f"{line}\n{len(ids)} tokens: {ids}"
 
 
-#> L10 show-chat
-def show_conversation(tok, messages, color=None):
-    """The rendered conversation with the supervised tokens (mask 1) highlighted:
-    green on a terminal, [in brackets] otherwise. The picture of the loss mask."""
-    color = sys.stdout.isatty() if color is None else color
-    ids, mask = tok.render_conversation(messages)
-    out, prev = [], 0
-    for i, m in zip(ids, mask):
-        if m != prev:  # a supervised span opens or closes here
-            out.append(("\x1b[42m\x1b[30m" if m else "\x1b[0m") if color else ("[" if m else "]"))
-            prev = m
-        out.append(tok.decode([i]))
-    out.append(("\x1b[0m" if color else "]") if prev else "")
-    return f"{''.join(out)}\n{len(ids)} tokens, {sum(mask)} supervised (the loss is computed on these)"
-#< L10
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Train or inspect a byte-level BPE tokenizer.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -811,27 +626,11 @@ def main(argv=None):
     sh = sub.add_parser("show", help="show how a saved tokenizer splits some text")
     sh.add_argument("path")
     sh.add_argument("text")
-    #> L10 show-chat
-    ch = sub.add_parser("chat", help="show a conversation of a chat JSONL file and its loss mask")
-    ch.add_argument("path")
-    ch.add_argument("--index", type=int, default=0, help="which conversation (0 = the first)")
-    ch.add_argument("--tokenizer", default="data/storyworld/tokenizer.json")
-    #< L10
     args = ap.parse_args(argv)
 
     if args.cmd == "show":
         print(show(BPETokenizer.load(args.path), args.text))
         return
-    #> L10 show-chat
-    if args.cmd == "chat":
-        try:
-            tok = BPETokenizer.load(args.tokenizer)
-            conversations = read_conversations(args.path)
-            print(show_conversation(tok, conversations[args.index]))
-        except (ValueError, IndexError, OSError) as e:
-            sys.exit(f"tokenizer.py chat: {e}")
-        return
-    #< L10
     with open(args.input, encoding="utf-8") as f:
         text = f.read()
     pattern = GPT2_SPLIT_PATTERN if args.pattern == "gpt2" else GPT4_SPLIT_PATTERN

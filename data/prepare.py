@@ -32,9 +32,6 @@ sys.path.insert(0, str(HERE))
 
 import storyworld  # noqa: E402
 from tokenizer import BPETokenizer, CharTokenizer  # noqa: E402
-#> L10 chat-tokens
-from tokenizer import CHAT_TOKENS  # noqa: E402
-#< L10
 
 EOT = "<|endoftext|>"
 SOURCES = {
@@ -142,6 +139,8 @@ def prepare_storyworld(out, stories=14000, val_stories=700, vocab_size=2048, see
     #> L10 chat-tokens
     # Reserve the chat template's tokens now: pretraining never sees them, but the base
     # model then has an embedding row for each, and sft.py fine-tunes it with no surgery.
+    from tokenizer import CHAT_TOKENS
+
     specials += CHAT_TOKENS
     #< L10
     tok = BPETokenizer(special_tokens=specials).train("\n".join(train), vocab_size)

@@ -70,7 +70,8 @@ def test_prepared_token_files_decode_to_the_stories(tiny_world):
 
 def test_load_tokenizer_reads_either_kind(tiny_world, tmp_path):
     """pretrain, eval and chat load whatever tokenizer a dataset was prepared with."""
-    from tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+    from run import load_tokenizer
+    from tokenizer import BPETokenizer, CharTokenizer
 
     out, _ = tiny_world
     assert isinstance(load_tokenizer(out / "tokenizer.json"), BPETokenizer)

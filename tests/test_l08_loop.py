@@ -73,7 +73,8 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_checkpoint(data_dir,
 def test_checkpoint_carries_its_tokenizer(data_dir, tmp_path):
     """A checkpoint that stored only the path of its tokenizer file broke as soon as the run
     folder or the data moved: the tokenizer's state must travel inside ckpt.pt."""
-    from tokenizer import BPETokenizer, load_tokenizer
+    from run import load_tokenizer
+    from tokenizer import BPETokenizer
 
     pretrain.train(config(data_dir, tmp_path, max_iters=2))
     state = load_checkpoint(tmp_path / "ckpt.pt")["tokenizer"]  # weights_only=True accepts it

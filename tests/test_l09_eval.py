@@ -17,7 +17,8 @@ import eval as E
 import prepare
 import pretrain
 from model import ModelConfig
-from tokenizer import CharTokenizer, decode_stream
+from run import decode_stream
+from tokenizer import CharTokenizer
 
 from conftest import run_doctests
 

@@ -16,8 +16,8 @@ import torch
 import eval as E
 import sft
 from hf import HFTokenizer, byte_to_unicode
-from run import chat_reply, load_run
-from tokenizer import GPT4_SPLIT_PATTERN, chat_end, chat_tokens, load_tokenizer
+from run import chat_reply, load_run, load_tokenizer
+from tokenizer import CHAT_TOKENS, GPT4_SPLIT_PATTERN, BPETokenizer
 
 from conftest import run_doctests
 
@@ -217,7 +217,7 @@ def test_mask_covers_replies_and_their_end_token(folders, kind):
     messages = chats()[0] + [{"role": "user", "content": "and then?"},
                              {"role": "assistant", "content": "We went home."}]
     ids, mask = tok.render_conversation(messages)
-    end = chat_end(tok)
+    end = tok.template_end
     learned = tok.decode([i for i, m in zip(ids, mask) if m])
     assert learned == f"I am fine.{end}We went home.{end}"
     with pytest.raises(ValueError, match="special token"):  # content cannot forge structure
@@ -243,21 +243,20 @@ def test_folder_generates_like_transformers(folders, kind):
     assert load_tokenizer(ckpt["tokenizer"]).chat_format == tok.chat_format  # the format travels
 
 
-def test_saved_state_loads_as_the_models_tokenizer_without_tokenizer_importing_hf(folders, tmp_path):
-    """The tokenizer state a run made from Qwen3 stores must load (load_tokenizer, as
+def test_saved_state_loads_as_the_models_tokenizer_without_tokenizer_importing_hf(folders):
+    """The tokenizer state a run made from Qwen3 stores must load (run.load_tokenizer, as
     load_run does) as an HFTokenizer that renders, lists its tokens and ends replies in
-    Qwen3's layout. tokenizer.py (layer 0) must not import hf.py, and without hf.py
-    imported it must refuse such a state, not render our template in its place."""
+    Qwen3's layout; our own tokenizer keeps ours. tokenizer.py (layer 0) must not import hf.py."""
     _, tok, ckpt = load_run(folders["qwen3"])
     back = load_tokenizer(ckpt["tokenizer"])
-    assert isinstance(back, HFTokenizer) and chat_end(back) == "<|im_end|>"
-    assert chat_tokens(back) == ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    assert isinstance(back, HFTokenizer) and back.template_end == "<|im_end|>"
+    assert back.template_tokens == ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     assert back.render_conversation(chats()[1]) == tok.render_conversation(chats()[1])
-    state = tmp_path / "state.json"
-    state.write_text(json.dumps(ckpt["tokenizer"]))
-    code = f"import sys, tokenizer; assert 'hf' not in sys.modules; tokenizer.load_tokenizer({str(state)!r})"
+    ours = BPETokenizer(special_tokens=CHAT_TOKENS)
+    assert (ours.template_end, ours.template_tokens) == ("<|assistant_end|>", CHAT_TOKENS)
+    code = "import sys, tokenizer; assert 'hf' not in sys.modules"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert run.returncode != 0 and "`import hf` before loading it" in run.stderr, run.stderr
+    assert run.returncode == 0, run.stderr
 
 
 def test_chat_stream_stops_at_the_formats_end_token(folders, monkeypatch):
@@ -333,7 +332,7 @@ def test_chat_py_on_a_folder_through_a_pipe(folders, kind):
     prompt = theirs.apply_chat_template([{"role": "user", "content": "how are you?"}], add_generation_prompt=True,
                                         enable_thinking=False, tokenize=True, return_tensors="pt")["input_ids"]
     new = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, prompt.size(1):].tolist()
-    end = tok.special_tokens[chat_end(tok)]
+    end = tok.special_tokens[tok.template_end]
     reply = theirs.decode(new[:new.index(end)] if end in new else new)
     header, setting, printed = run.stdout.split("\n", 2)
     assert "chat model" in header and setting == "len set to 10"

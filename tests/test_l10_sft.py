@@ -19,7 +19,8 @@ import sft
 import storyworld
 from model import CausalLM, ModelConfig, packed_positions
 from run import chat_exact_match, save_checkpoint, training_state, wilson_interval
-from tokenizer import CHAT_TOKENS, BPETokenizer, _alpaca, read_conversations
+from data.chats import _alpaca, read_conversations
+from tokenizer import CHAT_TOKENS, BPETokenizer
 
 from conftest import run_doctests
 
@@ -175,23 +176,23 @@ def test_built_in_sets_are_made_on_first_use_and_remade_when_stale(tmp_path, mon
     """data/sft is made on first read and kept while its stamp matches the code that
     wrote it; a set made by other code (a pull changed the answers), or missing a file,
     is made again, the old files kept beside; a folder that is not ours is never written."""
-    import tokenizer
+    import data.chats as chats
 
-    monkeypatch.setattr(tokenizer, "BUILT_IN", tmp_path / "data")
+    monkeypatch.setattr(chats, "BUILT_IN", tmp_path / "data")
     folder = tmp_path / "data" / "sft"
     fresh = read_conversations(folder / "eval_story.jsonl")
     assert fresh == storyworld.sft_sets(1337, 14000, 700)["eval_story"]
     old = [[user("Question: Who had it?"), assistant("Zoe")]]  # the answer wording of before
     (folder / "eval_story.jsonl").write_text(json.dumps({"messages": old[0]}) + "\n")
-    tokenizer._refresh.cache_clear()  # a new process, as far as the check goes
+    chats._refresh.cache_clear()  # a new process, as far as the check goes
     assert read_conversations(folder / "eval_story.jsonl") == old  # stamp matches: left alone
     meta = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps({**meta, "code": ["an older digest"] * 2}))
-    tokenizer._refresh.cache_clear()
+    chats._refresh.cache_clear()
     assert read_conversations(folder / "eval_story.jsonl") == fresh
     assert read_conversations(folder / "eval_story.jsonl.old") == old  # kept, not overwritten
     (folder / "val.jsonl").unlink()
-    tokenizer._refresh.cache_clear()
+    chats._refresh.cache_clear()
     assert read_conversations(folder / "val.jsonl")  # a missing file: made again
     mine = tmp_path / "mine" / "data" / "sft"  # named like ours, but not this repository's
     with pytest.raises(FileNotFoundError):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import bench
+import hf
 import peft as P
 import run
 import sft
@@ -236,7 +237,7 @@ def test_adapter_checkpoint_names_its_base(tmp_path, qlora):
     randomize_lora(model)
     ckpt = run.adapter_checkpoint(model, settings, tmp_path)  # a run folder names its ckpt.pt
     assert set(ckpt["model"]) == set(P.lora_state_dict(model)) and len(ckpt["model"]) == 9
-    assert ckpt["lora"]["base_sha256"] == run.file_sha256(base)
+    assert ckpt["lora"]["base_sha256"] == hf.file_sha256(base)
     fresh = run.attach_adapter(tiny_model(), ckpt)
     assert torch.equal(fresh(IDX)[0], model(IDX)[0])
     assert isinstance(fresh.blocks[1].mlp.down, P.QLoRALinear if qlora else P.LoRALinear)
@@ -506,7 +507,7 @@ def test_lora_sft_overfits_a_handful_of_conversations(lora_base, tmp_path, qlora
     result = sft.train(sft_config(lora_base, out, lora_rank=8, qlora=qlora))
     assert result["eval"]["story"]["accuracy"] == 1.0
     ckpt = load_checkpoint(out / "ckpt.pt")
-    assert ckpt["lora"]["base_sha256"] == run.file_sha256(lora_base / "base" / "ckpt.pt")
+    assert ckpt["lora"]["base_sha256"] == hf.file_sha256(lora_base / "base" / "ckpt.pt")
     assert all(".lora_" in k or ".token_rows." in k for k in ckpt["model"])
     model, tok, _ = sft.load_run(out)
     assert chat_exact_match(model, tok, FACTS)["replies"] == ["the park", "Mia", "red", "5"]
@@ -557,7 +558,7 @@ def test_dpo_with_lora_uses_the_adapters_off_as_its_reference(lora_base, tmp_pat
     assert result["after"]["pref_acc"] == 1.0  # the held-out pairs are the training pairs here
     ckpt = load_checkpoint(tmp_path / "straight" / "ckpt.pt")
     assert all(".lora_" in k for k in ckpt["model"])
-    assert ckpt["lora"]["base_sha256"] == run.file_sha256(lora_base / "base" / "ckpt.pt")
+    assert ckpt["lora"]["base_sha256"] == hf.file_sha256(lora_base / "base" / "ckpt.pt")
     policy, tok, _ = sft.load_run(tmp_path / "straight")
     init = sft.load_run(lora_base / "base")[0]
     ids, mask = align.collate_pairs(align.read_preferences(pairs, tok, 48, log=lambda *a: None))

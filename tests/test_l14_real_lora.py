@@ -13,7 +13,8 @@ import torch
 import bench
 import peft as P
 import sft
-from run import file_sha256, load_checkpoint, load_run
+from hf import file_sha256
+from run import load_checkpoint, load_run
 from test_l10_real_chat import ROOT, make_hf_folder
 from test_l10_sft import sft_config
 from test_l14_peft import needs_peft

@@ -405,8 +405,11 @@ def report_exact_match(model, tok, examples, shown=3):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate a checkpoint.")
     ap.add_argument("--ckpt", default="out/tiny", help="run folder or ckpt.pt")
-    ap.add_argument("--task", nargs="+", default=["ppl", "mc"],
-                    choices=["ppl", "mc", "passk", "humaneval", "story", "arith"])
+    tasks = ["ppl", "mc", "passk", "humaneval", "story", "arith"]
+    #> L14 adapt-task
+    tasks.append("which")  # lesson 14's adaptation task: a chat model's, data/sft/eval_which.jsonl
+    #< L14
+    ap.add_argument("--task", nargs="+", default=["ppl", "mc"], choices=tasks)
     ap.add_argument("--file", help="ppl: .txt or .bin tokens; mc: MMLU csv; passk: HumanEval jsonl; "
                                    "story/arith on a chat model: chat JSONL (lesson 10)")
     ap.add_argument("--dev", help="mc: MMLU dev csv for k-shot examples")
@@ -419,8 +422,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="bfloat16: half the memory (a Hugging Face model on a laptop)")
     args = ap.parse_args(argv)
-    if args.n is not None and {"story", "arith"} & set(args.task):  # their count is --limit
-        sys.exit(f"eval.py: --n is pass@k's samples per problem; the story and arith tasks take "
+    if args.n is not None and {"story", "arith", "which"} & set(args.task):  # their count is --limit
+        sys.exit(f"eval.py: --n is pass@k's samples per problem; the exact-match tasks take "
                  f"--limit (questions, now {args.limit}) instead")
     sys.path.insert(0, str(HERE / "data"))  # the built-in tasks live in data/storyworld.py
     try:
@@ -460,6 +463,8 @@ def main(argv=None):
         elif ckpt.get("chat"):  # a chat model answers through its template, not a "Answer:" cue
             result = report_exact_match(model, tok, chat_tasks(task, args.limit, args.file))
         #< L10
+        elif task == "which":
+            sys.exit(f"eval.py: --task which asks a chat model (sft.py's); {args.ckpt} completes text")
         else:
             pairs = story_tasks(args.limit) if task == "story" else arith_tasks(args.limit)
             result = completion_exact_match(model, tok, pairs)

@@ -72,6 +72,8 @@ DEFAULTS = dict(
     **LORA_DEFAULTS,  # lora_rank (0: fine-tune every weight), lora_alpha, lora_targets
     qlora=False,  # keep the frozen base in NF4 (needs lora_rank > 0)
     lora_tokens="chat",  # embedding rows that train beside LoRA: "chat" (new to the base), "all", "none"
+    task="story",  # the eval.py task the run is measured on (config/lora.py: "which")
+    eval_which="data/sft/eval_which.jsonl",  # lesson 14's adaptation task, held out
     #< L14
 )
 # Keys a resumed run may change: run.RESUMABLE's (the schedule's tail, what is printed, how
@@ -242,8 +244,11 @@ def by_question(examples, right):
 def evaluate(model, tok, cfg, log=print):
     """Exact match on held-out story questions and unseen arithmetic, greedy, with the
     Wilson 95% interval. Returns {task: {accuracy, ci_low, ci_high, n, by_question}}."""
-    results = {}
-    for task in ("story", "arith"):
+    results, tasks = {}, ["story", "arith"]
+    #> L14 task
+    tasks = list(dict.fromkeys([cfg["task"], *tasks]))  # an adaptation's own task first
+    #< L14
+    for task in [t for t in tasks if cfg[f"eval_{t}"]]:  # an empty path: not evaluated
         examples = read_conversations(cfg[f"eval_{task}"])[:cfg["eval_n"]]
         r = chat_exact_match(model, tok, examples)
         results[task] = {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
@@ -330,11 +335,12 @@ def train(cfg):
     log(f"model: {raw.num_params():,} parameters from {cfg['init']}; {len(train_set):,} conversations, "
         f"{sum(len(i) for i, _ in train_set):,} tokens ({supervised:,} supervised)")
     #> L14 lora-count
-    if cfg["lora_rank"]:
-        n, n_base = sum(p.numel() for p in peft.lora_parameters(raw)), peft.base_param_count(raw)
-        log(f"LoRA r={cfg['lora_rank']} on {len(peft.lora_modules(raw))} layers"
-            f"{' over an NF4 base' if cfg['qlora'] else ''}: {n:,} trainable parameters, "
-            f"{n / n_base:.2%} of the base's {n_base:,}")
+    # Everything that trains, counted: the A, B pairs and any token rows of a LoRA run, or
+    # every weight. The share is of the base model (its NF4 weights counted under QLoRA).
+    n, n_base = sum(p.numel() for p in raw.parameters() if p.requires_grad), peft.base_param_count(raw)
+    how = (f"LoRA r={cfg['lora_rank']} on {len(peft.lora_modules(raw))} layers"
+           f"{' over an NF4 base' if cfg['qlora'] else ''}" if cfg["lora_rank"] else "every weight")
+    log(f"{how}: {n:,} trainable parameters, {n / n_base:.2%} of the base's {n_base:,}")
     #< L14
     if master and before is None and cfg["eval_n"]:
         log("before fine-tuning:")
@@ -398,6 +404,7 @@ def train(cfg):
                 run_log.write(history)
     if run_log.interrupted:
         return {**history, "step": step}
+    log(f"{step - step0} steps in {(time.time() - t_start) / 60:.1f} min")
     if master:
         plot_log(out, [["train_loss", "val_loss"]], xlabel="step", ylabel="loss (nats per supervised token)")
     after = None

@@ -296,6 +296,7 @@ def sft_sets(seed, train_stories, val_stories, arith_train=5000, arith_eval=500)
                   lessons.md, lesson 10).
     eval_story:   one question per held-out story, no system message (exact match).
     eval_arith:   arithmetic problems that do not occur in train.
+    adapt / eval_which: lesson 14's adaptation task (adapt_sets, below).
     """
     rng = random.Random(f"{seed}-sft")
 
@@ -316,8 +317,58 @@ def sft_sets(seed, train_stories, val_stories, arith_train=5000, arith_eval=500)
             eval_arith.append(chat)
             seen.add(chat[0]["content"])
     rng.shuffle(train)  # stories and sums interleaved, so every batch sees both
-    return {"train": train, "val": val, "eval_story": eval_story, "eval_arith": eval_arith}
+    sets = {"train": train, "val": val, "eval_story": eval_story, "eval_arith": eval_arith}
+    #> L14 adapt-data
+    sets |= adapt_sets(seed, train_stories, val_stories)  # lesson 14's: adapt and eval_which
+    #< L14
+    return sets
 #< L10
+#> L14 adapt-data
+
+
+# -----------------------------------------------------------------------------
+# Lesson 14's adaptation task: the same facts asked in a new family of questions, every
+# one beginning "Which", so the kind of question is told by its second word. The lookups
+# and the answers are the lesson-10 model's own; what is new is reading the question:
+# the kind of change LoRA is meant for (Hu et al. 2021: adapting a capable model is a
+# low-rank update). The answers are QUESTIONS' answers, word for word.
+
+WHICH = {"found_at": "Which place did {hero} find the {object} at?", "colour": "Which colour did the {object} have?",
+         "owner": "Which of the two had the {object} at the end?", "lost": "Which thing did {friend} lose?",
+         "friend_kind": "Which kind of animal or person was {friend}?",
+         "hero_felt": "Which feeling did {hero} have after finding the {object}?"}
+
+
+def which_questions(story):
+    """[(question, exact answer)] about one story, in the order of QUESTIONS.
+
+    >>> story = next(stories(1337, 0, 1))
+    >>> [a for _, a in which_questions(story)] == [a for _, a in story_questions(story)]
+    True
+    """
+    return [(WHICH[key].format(**story.facts), a.format(**story.facts)) for _, a, key in QUESTIONS]
+
+
+def adapt_sets(seed, train_stories, val_stories, new=3000, old=3000):
+    """The adaptation set: `new` chats of Which-questions about training stories (a third
+    one question, the rest all six) mixed with `old` chats of lesson 10's questions, so
+    that what the model already does is rehearsed, not forgotten; and eval_which, one
+    Which-question per held-out story (the stories no stage trains on)."""
+    rng = random.Random(f"{seed}-adapt")
+
+    def chat(story, questions):
+        out = []
+        for k, (question, answer) in enumerate(rng.sample(which_questions(story), questions)):
+            out += [turn("user", question_turn(story, question) if k == 0 else question), turn("assistant", answer)]
+        return out
+
+    mixed = [chat(s, 1 if rng.random() < 1 / 3 else len(QUESTIONS)) for s in stories(seed, 0, new)]
+    mixed += [story_conversation(s, rng, len(QUESTIONS)) for s in stories(seed, new, old)]
+    rng.shuffle(mixed)
+    held_out = [[turn("user", question_turn(s, q)), turn("assistant", a)]
+                for s in stories(seed, train_stories, val_stories) for q, a in [rng.choice(which_questions(s))]]
+    return {"adapt": mixed, "eval_which": held_out}
+#< L14
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+#> L14 adapt
+# Lesson 14: teach the lesson-10 chat model a new family of questions, every one
+# beginning "Which" ("Which colour did the kite have?"), with the same answers,
+# with a LoRA adapter (Hu et al. 2021): r = 8 on every Linear of the blocks, the base frozen.
+# Same data, steps and seed as config/finetune.py. The set mixes 3,000 such chats with 3,000 of lesson
+# 10's, so the old questions are rehearsed; each run prints exact match on both, before and after.
+# python sft.py config/lora.py   (after python sft.py config/sft.py)
+init = "out/sft"
+out_dir = "out/lora"
+data = "data/sft/adapt.jsonl"
+task = "which"  # eval.py --task which: held-out stories, data/sft/eval_which.jsonl
+eval_arith = ""  # not measured here
+batch_size = 16
+pack = True
+max_iters = 600
+lora_rank = 8
+lora_alpha = 16.0
+lora_tokens = "none"  # the chat tokens trained in lesson 10: nothing new to learn there
+lr = 5e-3  # an adapter starts at zero (B = 0) and needs a larger step
+min_lr = 5e-4
+warmup_iters = 20
+eval_interval = 200
+log_interval = 50
+eval_n = 200
+#< L14

@@ -127,11 +127,15 @@ def multiple_choice(model, tok, items):
     """items: [(context, options, answer index)] -> accuracies and the chance level."""
     right = right_norm = 0
     for i, (context, options, answer) in enumerate(items):
+        # The model never writes "B": the option it finds most likely as a continuation is
+        # its answer, once by the summed log-probability and once by the per-token mean.
         scores = score_options(model, tok, context, options)
         right += max(range(len(options)), key=lambda j: scores[j][0]) == answer
         right_norm += max(range(len(options)), key=lambda j: scores[j][1]) == answer
         progress(i + 1, len(items), "multiple choice")
     n = len(items)
+    # chance: the score of guessing, 1/4 for MMLU and 1/2 for a he/she item. An accuracy
+    # means something only next to it.
     return {"items": n, "acc": right / n, "acc_norm": right_norm / n,
             "chance": sum(1 / len(o) for _, o, _ in items) / n}
 
@@ -146,8 +150,12 @@ def read_mmlu(path, dev=None, shots=0):
                     raise ValueError(f"{p}:{no}: expected question,A,B,C,D,answer-letter; got {row}")
                 yield row[0], row[1:5], "ABCD".index(row[5].strip())
 
+    # The prompt lists the options as "A. ..." lines and ends with "Answer:"; the k worked
+    # examples before it are the same layout with the right option's text after the cue.
     fmt = lambda q, opts: q + "".join(f"\n{l}. {o}" for l, o in zip("ABCD", opts)) + "\nAnswer:"
     prefix = "".join(f"{fmt(q, o)} {o[a]}\n\n" for q, o, a in list(rows(dev))[:shots]) if dev else ""
+    # Options are scored as text with a leading space: after "Answer:" the next word is
+    # " Paris", one token in a BPE vocabulary, where "Paris" would be a rarer spelling.
     return [(prefix + fmt(q, opts), [f" {o}" for o in opts], a) for q, opts, a in rows(path)]
 
 
@@ -162,6 +170,8 @@ def story_cloze_items(kind, n=200, seed=1337, first=20000):
     """
     import storyworld
 
+    # Stories from index 20,000 on: beyond the 14,700 that prepare.py writes, so no
+    # pretraining or fine-tuning run has read them.
     rng = random.Random(seed)
     items = []
     for story in storyworld.stories(seed, first, n):

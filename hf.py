@@ -518,11 +518,16 @@ def is_hf_folder(path):
 
 #> L14 lora-base
 def file_sha256(path):
-    """SHA-256 of a checkpoint file, or of a Hugging Face folder's config and weights."""
+    """SHA-256 of a checkpoint file, or of a Hugging Face folder's config and weights.
+
+    A LoRA run stores only B A, a change to one particular W: on any other base the same
+    adapter computes something else, silently. The digest lets load_run refuse that."""
     import hashlib
 
     path = Path(path)
-    if path.is_dir():  # the folder's files that define the model, in a fixed order
+    # A folder: hash each defining file's name and digest, sorted, so the result does not
+    # depend on the order the file system lists them in, nor on tokenizer or README files.
+    if path.is_dir():
         digest = hashlib.sha256()
         for file in [path / "config.json", *sorted(path.glob("*.safetensors"))]:
             digest.update(file.name.encode() + bytes.fromhex(file_sha256(file)))

@@ -7,7 +7,7 @@ eval.py -- measure a checkpoint honestly: perplexity, multiple choice, pass@k.
     python eval.py --ckpt out/tiny --task mc --file mmlu_test.csv --dev mmlu_dev.csv --shots 5
     python eval.py --ckpt out/tiny --task passk --n 10 --k 1 5   # built-in Python problems
     python eval.py --ckpt out/tiny --task story|arith   # exact-match tasks (after SFT, lesson 10)
-    python eval.py --ckpt out/sft --task story arith    # a chat model: through its template
+    python eval.py --ckpt out/sft --task story          # a chat model: through its template
     python eval.py --ckpt ~/models/Qwen3-0.6B --task mc --file mmlu.csv --dtype bfloat16
 
 Each task prints a small table and writes eval_<task>.json beside the checkpoint.
@@ -421,7 +421,7 @@ def main(argv=None):
     #< L14
     ap.add_argument("--task", nargs="+", default=["ppl", "mc"], choices=tasks)
     ap.add_argument("--file", help="ppl: .txt or .bin tokens; mc: MMLU csv; passk: HumanEval jsonl; "
-                                   "story/arith on a chat model: chat JSONL (lesson 10)")
+                                   "story on a chat model: chat JSONL (lesson 10)")
     ap.add_argument("--dev", help="mc: MMLU dev csv for k-shot examples")
     ap.add_argument("--shots", type=int, default=0)
     ap.add_argument("--stride", type=int)
@@ -470,6 +470,9 @@ def main(argv=None):
             sample = lambda p: complete(model, tok, p, 128, args.temperature, gen, stop=None)
             result = evaluate_passk(sample, problems, args.n or 10, args.k)
         #> L10 chat-tasks
+        elif ckpt.get("chat") and task == "arith":
+            sys.exit(f"eval.py: lesson 10's chats hold no sums; --task arith measures a base model "
+                     f"(python eval.py --ckpt out/tiny --task arith), not {args.ckpt}")
         elif ckpt.get("chat"):  # a chat model answers through its template, not a "Answer:" cue
             result = report_exact_match(model, tok, chat_tasks(task, args.limit, args.file))
         #< L10

@@ -53,9 +53,8 @@ DEFAULTS = dict(
     eval_examples=200,  # held-out questions of the task for exact match before/after
     reference="copy",  # the KL's anchor: a frozen "copy" of the init model; "lora": lesson 14
     eval_story="data/sft/eval_story.jsonl",  # held-out questions for exact match (lesson 10)
-    eval_arith="data/sft/eval_arith.jsonl",
     # Rollouts and rewards
-    task="arith",  # the verifiable task PPO/GRPO train and test on: "arith" or "story"
+    task="story",  # the verifiable task PPO/GRPO train and test on (its eval_<task> file)
     reward="rule",  # "rule" (exact match) or "model" (the reward model at reward_init)
     reward_init="out/reward",
     prompts_per_iter=8,  # prompts sampled per PPO/GRPO iteration
@@ -275,24 +274,23 @@ def sample_and_score(policy, examples, reward_fn, cfg, eos_id, generator):
 # The prompts: questions of the task, with the answer a rule checks
 
 
-def read_prompts(path, tok, task):
-    """RL prompts from a chat JSONL: each conversation's first question of the task
-    ("arith": an integer answer; "story": any other), the reference answer beside it."""
+def read_prompts(path, tok):
+    """RL prompts from a chat JSONL: each conversation's first question, rendered up to
+    the assistant's turn, with the reference answer beside it."""
     examples = []
     for chat in read_conversations(path):
-        k = next(i for i, m in enumerate(chat) if m["role"] == "assistant")
-        answer = chat[k]["content"]
-        if (task == "arith") == bool(re.fullmatch(r"-?\d+", answer.strip())):
+        k = next((i for i, m in enumerate(chat) if m["role"] == "assistant"), None)
+        if k is not None:
             examples.append({"prompt": list(tok.render_conversation(chat[:k], for_completion=True)[0]),
-                             "answer": answer})
+                             "answer": chat[k]["content"]})
     if not examples:
-        raise ValueError(f"{path} holds no {task!r} questions")
+        raise ValueError(f"{path} holds no question with an answer: RL prompts are chats (lesson 10)")
     return examples
 
 
 def setup_rl(policy, tok, cfg, device, log):
     """What PPO and GRPO share: prompts of the task, the end token, the frozen reference."""
-    examples = read_prompts(cfg["prompts"], tok, cfg["task"])
+    examples = read_prompts(cfg["prompts"], tok)
     log(f"{cfg['prompts']}: {len(examples):,} {cfg['task']} prompts")
     eos_id = tok.special_tokens[tok.template_end]  # <|assistant_end|>, or a real model's end token
     ref = make_reference(policy, cfg, device)

@@ -50,7 +50,6 @@ DEFAULTS = dict(
     data="data/sft/train.jsonl",  # chat JSONL (or Alpaca); made by `python data/prepare.py sft`
     val_data="data/sft/val.jsonl",  # held-out conversations for the validation loss
     eval_story="data/sft/eval_story.jsonl",  # held-out story questions, exact match
-    eval_arith="data/sft/eval_arith.jsonl",  # unseen arithmetic problems, exact match
     eval_n=200,  # exact-match items per task, before and after (0: skip)
     out_dir="out/sft",
     batch_size=16,  # conversations per micro-batch
@@ -78,7 +77,7 @@ DEFAULTS = dict(
 )
 # Keys a resumed run may change: run.RESUMABLE's (the schedule's tail, what is printed, how
 # it runs) and what is evaluated. The rest define what the checkpoint was trained on.
-RESUMABLE = RESUMABLE | {"eval_n", "eval_story", "eval_arith"}
+RESUMABLE = RESUMABLE | {"eval_n", "eval_story"}
 
 # -----------------------------------------------------------------------------
 # Data: conversations -> (ids, mask) -> batches
@@ -242,9 +241,9 @@ def by_question(examples, right):
 
 
 def evaluate(model, tok, cfg, log=print):
-    """Exact match on held-out story questions and unseen arithmetic, greedy, with the
-    Wilson 95% interval. Returns {task: {accuracy, ci_low, ci_high, n, by_question}}."""
-    results, tasks = {}, ["story", "arith"]
+    """Exact match on held-out story questions, greedy, with the Wilson 95% interval.
+    Returns {task: {accuracy, ci_low, ci_high, n, by_question}}."""
+    results, tasks = {}, ["story"]
     #> L14 task
     tasks = list(dict.fromkeys([cfg["task"], *tasks]))  # an adaptation's own task first
     #< L14
@@ -260,7 +259,7 @@ def evaluate(model, tok, cfg, log=print):
                 example = f"; e.g. {question!r} -> {reply!r} (expected {chat[-1]['content']!r})"
                 break
         log(exact_match_line(task, r) + example)
-        if len(results[task]["by_question"]) > 1:  # the sums are one kind
+        if len(results[task]["by_question"]) > 1:
             log("  by question: " + ", ".join(f"{kind} {right}/{n}" for kind, (right, n)
                                               in results[task]["by_question"].items()))
     model.train()

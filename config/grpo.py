@@ -4,8 +4,8 @@
 method = "grpo"
 init = "out/sft"
 out_dir = "out/grpo"
-# story, not arithmetic: lesson 10's model answers 1.5% of the sums, and RL can only
-# reinforce right answers it sometimes samples; story questions it gets 80% right (lesson 10).
+# The held-out story questions of lesson 10 (data/sft/eval_story.jsonl): RL can only reinforce
+# right answers the model sometimes samples, and these it often gets right.
 task = "story"
 lr = 1e-4
 prompts_per_iter = 8

@@ -9,7 +9,6 @@ init = "out/sft"
 out_dir = "out/qlora"
 data = "data/sft/adapt.jsonl"
 task = "which"  # eval.py --task which: held-out stories, data/sft/eval_which.jsonl
-eval_arith = ""  # not measured here
 batch_size = 16
 pack = True
 max_iters = 600

@@ -100,10 +100,11 @@ def test_sft_measures_its_task_first_and_skips_an_empty_path(tuned, base):
     model, tok, _ = sft.load_run(out)
     facts = str(base[0] / "facts.jsonl")
     cfg = {**sft.DEFAULTS, "task": "which", "eval_which": facts, "eval_story": facts,
-           "eval_arith": "", "eval_n": 4}
+           "eval_n": 4}
     results = sft.evaluate(model, tok, cfg, log=lambda *a: None)
     assert list(results) == ["which", "story"]
     assert results["which"]["accuracy"] == 1.0 and results["which"]["n"] == 4
+    assert list(sft.evaluate(model, tok, {**cfg, "eval_story": ""}, log=lambda *a: None)) == ["which"]
 
 
 def test_eval_py_which_task_needs_a_chat_model(base, tuned):

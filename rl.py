@@ -28,6 +28,7 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ DEFAULTS = dict(
     method="ppo",  # "ppo" (lesson 12) or "grpo" (13)
     **TUNE_DEFAULTS,  # init, out_dir, seed, lr, ..., dtype float32: as align.py
     eval_examples=200,  # held-out questions of the task for exact match before/after
+    eval_k=8,  # and samples of each at the rollout temperature, for pass@k and mean@k (0: none)
     reference="copy",  # the KL's anchor: a frozen "copy" of the init model; "lora": lesson 14
     eval_story="data/sft/eval_story.jsonl",  # held-out questions for exact match (lesson 10)
     # Rollouts and rewards
@@ -82,6 +84,8 @@ DEFAULTS = dict(
     adv_scale="group",  # "group" (std of the group), "batch", "none" (Dr. GRPO)
     correct_weight=1.0,  # reward = correct_weight * exact match + format_weight * format
     format_weight=0.1,
+    dynamic_sampling=False,  # DAPO: leave out the groups whose answers all score the same
+    eval_who="data/sft/eval_who.jsonl",  # the task at the edge of skill (storyworld.WHO)
     #< L13
     #> L14 rl-config
     **LORA_DEFAULTS,  # lora_rank > 0: train a LoRA adapter on the init model (lesson 14)
@@ -288,6 +292,17 @@ def read_prompts(path, tok):
     return examples
 
 
+def sampled_exact_match(policy, examples, k, cfg, eos_id, generator, decode):
+    """What RL can work with, measured before it trains: k answers to each example at the
+    rollout temperature. pass@k: the share of examples with at least one right answer (a
+    reward can only reinforce what some sample gets right); mean@k: the share of right
+    answers (where the samples' average stands; greedy is often above it)."""
+    score = lambda answer, ended, ex: correct(decode(answer), ex["answer"])  # noqa: E731
+    _, _, _, scores = sample_and_score(policy, examples, score, {**cfg, "samples_per_prompt": k}, eos_id, generator)
+    right = torch.tensor(scores).view(len(examples), k)  # (examples, k)
+    return {"pass_at_k": right.amax(-1).mean().item(), "mean_at_k": right.mean().item(), "k": k}
+
+
 def setup_rl(policy, tok, cfg, device, log):
     """What PPO and GRPO share: prompts of the task, the end token, the frozen reference."""
     examples = read_prompts(cfg["prompts"], tok)
@@ -479,19 +494,26 @@ def grpo_iteration(policy, ref, examples, reward_fn, update, cfg, eos_id, genera
     with torch.no_grad():
         old_logp = next_token_logprobs(policy, ids) * mask
         ref_logp = next_token_logprobs(ref, ids) * mask  # also at beta = 0: the KL is still measured
+    informative = rewards.view(-1, G).std(-1) > 0  # (n_groups,): neither all right nor all wrong
+    rows = torch.arange(len(ids))
+    if cfg["dynamic_sampling"]:
+        # DAPO's dynamic sampling: a group of equal rewards has A = 0 for every answer, so it
+        # only dilutes the mean over answers (a smaller step) and adds the KL term. DAPO
+        # samples more prompts until the batch is full of informative groups; we leave them out.
+        rows = rows[informative.repeat_interleave(G)]
     stats = []
-    for _ in range(cfg["mu"]):  # mu = 1 in one minibatch: ratio = 1, purely on-policy; a second
-        # minibatch of the same pass already sees a policy one step newer (clipped where it moved)
-        order = torch.randperm(len(ids), generator=generator)
+    for _ in range(cfg["mu"] if len(rows) else 0):  # mu = 1 in one minibatch: ratio = 1, on-policy;
+        # a second minibatch of the same pass already sees a policy one step newer (clipped where it moved)
+        order = rows[torch.randperm(len(rows), generator=generator)]
         for mb in order.split(cfg["minibatch_size"]):
             logp = next_token_logprobs(policy, ids[mb])
             loss, m = grpo_loss(logp, old_logp[mb], ref_logp[mb], advantages[mb], mask[mb], cfg["clip_eps"],
                                 cfg["eps_high"], cfg["kl_coef"], cfg["loss_agg"], cfg["max_new_tokens"])
             update(loss)
             stats.append((loss.item(), m["clip_frac"]))
-    flat_groups = (rewards.view(-1, G).std(-1) == 0).float().mean()  # zero-advantage groups
+    stats = stats or [(0.0, 0.0)]  # every group left out: no update this iteration
     return {"reward": rewards.mean().item(), "correct": correct_r.mean().item(),
-            "format": format_r.mean().item(), "zero_adv_groups": flat_groups.item(),
+            "format": format_r.mean().item(), "zero_adv_groups": 1 - informative.float().mean().item(),
             "kl": (kl_estimate(old_logp, ref_logp, "k1") * mask).sum(-1).mean().item(),
             "loss": sum(s[0] for s in stats) / len(stats), "clip_frac": sum(s[1] for s in stats) / len(stats),
             "entropy": -masked_mean(old_logp, mask).item(), "length": mask.sum(-1).mean().item()}
@@ -550,7 +572,16 @@ def train(cfg, log=print):
         if not cfg["eval_examples"]:
             return {}
         path = cfg[f"eval_{cfg['task']}"]
-        return {"exact_match": held_out_exact_match(policy, tok, path, cfg["eval_examples"], log)}
+        result = {"exact_match": held_out_exact_match(policy, tok, path, cfg["eval_examples"], log)}
+        if cfg["eval_k"]:  # the same questions sampled: the headroom a reward has to work with
+            examples = read_prompts(path, tok)[:cfg["eval_examples"]]
+            eos_id, generator = tok.special_tokens[tok.template_end], torch.Generator(device).manual_seed(cfg["seed"])
+            with torch.no_grad():
+                result["sampled"] = sampled_exact_match(policy, examples, cfg["eval_k"], cfg, eos_id, generator, tok.decode)
+            s = result["sampled"]
+            log(f"{Path(path).stem}: pass@{s['k']} {s['pass_at_k']:.1%}, mean@{s['k']} {s['mean_at_k']:.1%} "
+                f"at temperature {cfg['temperature']} (n = {len(examples)})")
+        return result
 
     if master and before is None:
         log("before:")

@@ -305,11 +305,58 @@ def sft_sets(seed, train_stories, val_stories):
                   for s in stories(seed, train_stories, val_stories)
                   for q, a in [rng.choice(story_questions(s))]]
     sets = {"train": train, "val": val, "eval_story": eval_story}
+    #> L13 who-data
+    sets |= who_sets(seed, train_stories, val_stories)  # lesson 13's: who, eval_who, demonstrations
+    sets["train"] += sets.pop("who_demos")
+    #< L13
     #> L14 adapt-data
     sets |= adapt_sets(seed, train_stories, val_stories)  # lesson 14's: adapt and eval_which
     #< L14
     return sets
 #< L10
+#> L13 who-data
+
+
+# -----------------------------------------------------------------------------
+# Lesson 13's task at the edge of the model's skill: which of the story's two characters did
+# something. Naming a character is what the base already does (lesson 08); choosing the right
+# one of the two is what RL can teach, if the SFT model already picks it in some samples.
+# The SFT set shows the kind of question only `demos` times a kind: none, and the model
+# answers in the form of its six questions (no sample right, nothing to reinforce); many, and
+# it is already right (nothing left to learn). The dial sets the edge (lessons.md, lesson 13).
+# Two questions name the hero, two the friend: always answering one of them scores 50%.
+
+WHO = [("Who found the {object}?", "hero"), ("Who went to {found_at}?", "hero"),
+       ("Who lost something?", "friend"), ("Who was {friend_feels_bad}?", "friend")]
+WHO_DEMOS = 0  # demonstrations of each WHO question in lesson 10's training set
+
+
+def who_questions(story):
+    """[(question, exact answer)] about one story, in the order of WHO. The answer puts the
+    name after "was", as the story does ("was with Zoe"): the story's own token " Zoe".
+
+    >>> who_questions(Story("", {"hero": "Tom", "friend": "Zoe", "object": "kite",
+    ...     "found_at": "the park", "friend_feels_bad": "sad"}))[2]
+    ('Who lost something?', 'It was Zoe.')
+    """
+    f = story.facts
+    return [(q.format(**f), f"It was {f[who]}.") for q, who in WHO]
+
+
+def who_sets(seed, train_stories, val_stories, prompts=3000, demos=WHO_DEMOS):
+    """who: RL's prompts, one who-question about each of the first `prompts` training stories;
+    eval_who: one per held-out story; who_demos: `demos` chats of each WHO question, about
+    training stories after the prompts' (lesson 10's set takes them in)."""
+    rng = random.Random(f"{seed}-who")
+
+    def chat(story, k):
+        question, answer = who_questions(story)[k]
+        return [turn("user", question_turn(story, question)), turn("assistant", answer)]
+
+    return {"who": [chat(s, rng.randrange(len(WHO))) for s in stories(seed, 0, prompts)],
+            "eval_who": [chat(s, rng.randrange(len(WHO))) for s in stories(seed, train_stories, val_stories)],
+            "who_demos": [chat(s, i % len(WHO)) for i, s in enumerate(stories(seed, prompts, demos * len(WHO)))]}
+#< L13
 #> L14 adapt-data
 
 

@@ -1,14 +1,17 @@
 #> L13 tests
-"""Lesson 13: group-relative advantages, the GRPO loss and its aggregations, a tiny GRPO run."""
+"""Lesson 13: group-relative advantages, the GRPO loss and its aggregations, dynamic sampling,
+tiny GRPO runs, and the task at the edge of skill (storyworld.WHO)."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
 import align
 import rl
+import storyworld
 from model import CausalLM, ModelConfig
 from test_l11_dpo import tiny_run  # noqa: F401 (a fixture, shared)
 from test_l12_ppo import rl_cfg, updates
@@ -116,6 +119,93 @@ def test_tiny_grpo_raises_the_reward_of_saying_a_token():
     assert history[0]["clip_frac"] == 0  # mu = 1, one minibatch: on-policy, ratio 1
     assert history[-1]["reward"] > history[0]["reward"] + 0.3
     assert 0 <= history[-1]["zero_adv_groups"] <= 1 and history[-1]["kl"] > 0
+
+
+def test_dynamic_sampling_leaves_out_exactly_the_groups_of_equal_rewards(monkeypatch):
+    """Three prompts, groups of 4: one always right, one right on every other answer, one
+    never. With dynamic_sampling only the mixed group's rows reach the updates (the prompt
+    each row starts with tells them apart); without it, all twelve do. Every group equal:
+    no update at all, and the iteration still reports its metrics."""
+    policy = tiny_model(seed=1)
+    ref = align.frozen_copy(policy)
+    prompts = {"all": [1, 2], "mixed": [3, 1, 2], "none": [2, 2, 1]}
+    examples = [{"prompt": p, "kind": k} for k, p in prompts.items()]
+    turns = iter(range(10 ** 6))
+    reward = lambda a, e, ex: {"correct": {"all": 1.0, "none": 0.0}.get(ex["kind"], float(next(turns) % 2))}  # noqa: E731
+    seen, logprobs = [], rl.next_token_logprobs
+
+    def spy(model, ids):
+        seen.append(ids)
+        return logprobs(model, ids)
+
+    monkeypatch.setattr(rl, "next_token_logprobs", spy)
+    cfg = {**rl.DEFAULTS, "samples_per_prompt": 4, "max_new_tokens": 3, "minibatch_size": 2, "format_weight": 0.0}
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    for dynamic, trained in ((True, [prompts["mixed"]] * 4), (False, sorted([*prompts.values()] * 4))):
+        seen.clear()
+        m = rl.grpo_iteration(policy, ref, examples, reward, updates(opt), {**cfg, "dynamic_sampling": dynamic},
+                              7, torch.Generator().manual_seed(0))
+        rows = [next(p for p in prompts.values() if row[:len(p)] == p) for ids in seen[2:] for row in ids.tolist()]
+        assert sorted(rows) == trained and m["zero_adv_groups"] == pytest.approx(2 / 3)
+    seen.clear()
+    m = rl.grpo_iteration(policy, ref, examples[:1], reward, updates(opt), {**cfg, "dynamic_sampling": True},
+                          7, torch.Generator().manual_seed(0))
+    assert len(seen) == 2 and m["loss"] == 0.0 and m["zero_adv_groups"] == 1.0  # old and ref log-probs only
+
+
+def test_grpo_from_an_even_start_moves_toward_the_rewarded_answer():
+    """A policy whose every logit is 0 answers each of 8 tokens with probability 1/8; the
+    reward is 1 for tokens 0-3, so half the samples are right at the start. After a few GRPO
+    iterations the share of right first tokens, computed from the logits, is far above 1/2."""
+    policy = tiny_model(seed=3)
+    with torch.no_grad():
+        policy.norm_f.weight.zero_()  # the last norm's gain 0: logits 0, a uniform start
+    prompt = torch.tensor([[1, 2]])
+    p_right = lambda: policy(prompt)[0][0, -1].softmax(-1)[:4].sum().item()  # noqa: E731
+    assert p_right() == pytest.approx(0.5)
+    cfg = {**rl.DEFAULTS, "samples_per_prompt": 8, "max_new_tokens": 1, "minibatch_size": 16, "format_weight": 0.0,
+           "kl_coef": 0.0}
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-2)
+    reward = lambda answer, ended, ex: {"correct": float(answer[:1] != [] and answer[0] < 4)}  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        rl.grpo_iteration(policy, align.frozen_copy(policy), [{"prompt": [1, 2]}] * 2, reward, updates(opt), cfg, 7, g)
+    assert p_right() > 0.8
+
+
+def test_who_questions_name_the_character_the_story_text_says():
+    """For random seeds, every WHO answer against the story's own words, read with regular
+    expressions instead of its facts: the hero walks to the place of the question, the friend
+    lost something and felt bad; the object of "Who found ...?" is the one found or seen."""
+    for seed in (0, 7, 2024):
+        for story in storyworld.stories(seed, 0, 40):
+            text = story.text
+            hero = re.search(r", (\w+) (?:went|walked|wanted)", text).group(1)
+            friend = re.search(r"(\w+) (?:was \w+ because \w+ had lost|looked \w+\. \"I lost)", text).group(1)
+            (found, a1), (went, a2), (_, a3), (sad, a4) = storyworld.who_questions(story)
+            assert (a1, a2, a3, a4) == (f"It was {hero}.",) * 2 + (f"It was {friend}.",) * 2
+            thing = found.removeprefix("Who found the ").removesuffix("?")
+            place = went.removeprefix("Who went to ").removesuffix("?")
+            feeling = sad.removeprefix("Who was ").removesuffix("?")
+            assert re.search(rf"(?:found|saw) a \w+ \w+ {thing}\b", text)
+            assert re.search(rf"{hero} (?:went to|walked to|wanted to visit) {place}\b", text)
+            assert re.search(rf"{friend} (?:was|looked) {feeling}\b", text)
+
+
+def test_who_sets_split_by_story_and_the_checker_wants_the_whole_answer():
+    """RL's prompts and the demonstrations are about training stories, eval_who about held-out
+    ones; demonstrations come `demos` per question. The rule reward: right, right up to case
+    and the full stop, wrong name, right name with words after it (wrong: it must stop)."""
+    sets = storyworld.who_sets(7, train_stories=40, val_stories=10, prompts=20, demos=3)
+    story_of = lambda chat: chat[0]["content"].split("\n", 1)[1]  # noqa: E731
+    held = {s.text for s in storyworld.stories(7, 40, 10)}
+    assert {story_of(c) for c in sets["eval_who"]} == held
+    assert not {story_of(c) for c in sets["who"] + sets["who_demos"]} & held
+    asked = [c[0]["content"].split("\n")[0] for c in sets["who_demos"]]
+    assert len(asked) == 12 and sum(q.startswith("Question: Who lost") for q in asked) == 3
+    assert rl.correct("It was Zoe.", "It was Zoe.") == 1.0 and rl.correct(" it was zoe", "It was Zoe.") == 1.0
+    assert rl.correct("It was Tom.", "It was Zoe.") == 0.0
+    assert rl.correct("It was Zoe. She lost it.", "It was Zoe.") == 0.0
 
 
 def test_grpo_command_runs_end_to_end(tiny_run, tmp_path):

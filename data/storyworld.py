@@ -185,8 +185,6 @@ def stories(seed, start, count):
 #   Zoe had").
 #   subtle: "it", not "the ball". Copying the object from the question is one more thing
 #   to learn, and one SFT run in three did not: the right name, the wrong object.
-# Held-out exact match after SFT went from 63%, 73%, 60% to 80%, 89.5%, 98% on three
-# data orders; the owner question is now right in all three (lessons.md, lesson 10).
 QUESTIONS = [
     ("Where did {hero} find the {object}?", "{found_at}", "found_at"),
     ("What colour was the {object}?", "{colour}", "colour"),
@@ -290,9 +288,8 @@ def sft_sets(seed, train_stories, val_stories):
     eval_story:   one question per held-out story, no system message (exact match).
     adapt / eval_which: lesson 14's adaptation task (adapt_sets, below).
 
-    No sums: with 5,000 of them mixed in, the model still answered 1.5% of unseen ones and
-    its story lookups formed on fewer data orders (80%, 89.5%, 98% held out on three seeds;
-    lessons.md, lesson 10).
+    No sums: with 5,000 of them mixed in, the 0.9M model still answered 1.5% of unseen ones,
+    and the steps they took were missing from the story lookups.
     """
     rng = random.Random(f"{seed}-sft")
 

@@ -308,6 +308,8 @@ def test_eval_py_asks_a_chat_model_through_the_template(base, tuned, capsys):
     assert result["exact_match"] == 1.0 and result["items"] == 4
     assert result["ci_high"] == 1.0 and result["ci_low"] == pytest.approx(wilson_interval(4, 4)[0])
     assert "right 'Where is Tom?' -> 'the park'" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no sums.*--ckpt out/tiny --task arith"):
+        E.main(["--ckpt", str(out), "--task", "arith"])  # SFT never showed it a sum
 
 
 def test_sft_resume_is_bit_identical(base, tmp_path, monkeypatch, ctrl_c_at):

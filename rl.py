@@ -282,13 +282,12 @@ def read_prompts(path, tok):
     """RL prompts from a chat JSONL: each conversation's first question, rendered up to
     the assistant's turn, with the reference answer beside it."""
     examples = []
-    for chat in read_conversations(path):
-        k = next((i for i, m in enumerate(chat) if m["role"] == "assistant"), None)
-        if k is not None:
-            examples.append({"prompt": list(tok.render_conversation(chat[:k], for_completion=True)[0]),
-                             "answer": chat[k]["content"]})
+    for chat in read_conversations(path):  # each ends with an assistant message (checked on read)
+        k = next(i for i, m in enumerate(chat) if m["role"] == "assistant")
+        examples.append({"prompt": list(tok.render_conversation(chat[:k], for_completion=True)[0]),
+                         "answer": chat[k]["content"]})
     if not examples:
-        raise ValueError(f"{path} holds no question with an answer: RL prompts are chats (lesson 10)")
+        raise ValueError(f"{path} holds no conversations: RL prompts are chats with answers (lesson 10)")
     return examples
 
 

@@ -288,8 +288,8 @@ def sft_sets(seed, train_stories, val_stories):
     eval_story:   one question per held-out story, no system message (exact match).
     adapt / eval_which: lesson 14's adaptation task (adapt_sets, below).
 
-    No sums: with 5,000 of them mixed in, the 0.9M model still answered 1.5% of unseen ones,
-    and the steps they took were missing from the story lookups.
+    No sums: with 5,000 of them mixed in, the 0.9M model answered 1.5% of unseen ones after
+    SFT, so they took a share of every batch and taught nothing.
     """
     rng = random.Random(f"{seed}-sft")
 

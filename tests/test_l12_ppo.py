@@ -201,6 +201,23 @@ def test_reward_model_nll_term_is_the_chosen_answers_cross_entropy(tiny_run, tmp
     assert loss == pytest.approx(math.log(2) + 0.5 * nll / n, rel=1e-5)
 
 
+def test_sampled_exact_match_counts_prompts_with_a_right_sample_and_right_samples(monkeypatch):
+    """pass@k and mean@k from k scored samples per example, grouped per example in order:
+    [1, 0, 0], [0, 0, 0], [1, 1, 1] -> pass@3 2/3, mean@3 4/9. The rule that scores them
+    sees the decoded answer and the example's reference."""
+    scripted = iter([1.0, 0, 0, 0, 0, 0, 1, 1, 1])
+    seen = []
+
+    def sample_and_score(policy, examples, score, cfg, eos_id, generator):
+        assert cfg["samples_per_prompt"] == 3
+        seen.append(score([5], True, {"answer": "five"}))  # decode(5) -> "five": right
+        return None, None, None, [next(scripted) for _ in range(3 * len(examples))]
+
+    monkeypatch.setattr(rl, "sample_and_score", sample_and_score)
+    r = rl.sampled_exact_match(None, [{}] * 3, 3, rl.DEFAULTS, 0, None, decode=lambda ids: "Five.")
+    assert r == {"pass_at_k": pytest.approx(2 / 3), "mean_at_k": pytest.approx(4 / 9), "k": 3} and seen == [1.0]
+
+
 def test_rollout_masks_the_answer_up_to_the_first_end_token():
     """The response mask, row by row against the sampled ids: answer tokens through the first end
     token, nothing of the prompt or of the repeated end tokens; the ids are usable in autograd."""

@@ -416,9 +416,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate a checkpoint.")
     ap.add_argument("--ckpt", default="out/tiny", help="run folder or ckpt.pt")
     tasks = ["ppl", "mc", "passk", "humaneval", "story", "arith"]
-    #> L13 who-task
-    tasks.append("who")  # lesson 13's task at the edge of skill: data/sft/eval_who.jsonl
-    #< L13
+    #> L12 who-task
+    tasks.append("who")  # RL's task at the edge of skill (lessons 12-13): data/sft/eval_who.jsonl
+    #< L12
     #> L14 adapt-task
     tasks.append("which")  # lesson 14's adaptation task: a chat model's, data/sft/eval_which.jsonl
     #< L14

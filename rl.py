@@ -55,6 +55,7 @@ DEFAULTS = dict(
     eval_k=8,  # and samples of each at the rollout temperature, for pass@k and mean@k (0: none)
     reference="copy",  # the KL's anchor: a frozen "copy" of the init model; "lora": lesson 14
     eval_story="data/sft/eval_story.jsonl",  # held-out questions for exact match (lesson 10)
+    eval_who="data/sft/eval_who.jsonl",  # the task at the edge of skill (storyworld.WHO)
     # Rollouts and rewards
     task="story",  # the verifiable task PPO/GRPO train and test on (its eval_<task> file)
     reward="rule",  # "rule" (exact match) or "model" (the reward model at reward_init)
@@ -85,7 +86,6 @@ DEFAULTS = dict(
     correct_weight=1.0,  # reward = correct_weight * exact match + format_weight * format
     format_weight=0.1,
     dynamic_sampling=False,  # DAPO: leave out the groups whose answers all score the same
-    eval_who="data/sft/eval_who.jsonl",  # the task at the edge of skill (storyworld.WHO)
     #< L13
     #> L14 rl-config
     **LORA_DEFAULTS,  # lora_rank > 0: train a LoRA adapter on the init model (lesson 14)
@@ -572,6 +572,8 @@ def train(cfg, log=print):
             return {}
         path = cfg[f"eval_{cfg['task']}"]
         result = {"exact_match": held_out_exact_match(policy, tok, path, cfg["eval_examples"], log)}
+        if cfg["task"] != "story":  # and what RL must not cost: lesson 10's story questions
+            result["story"] = held_out_exact_match(policy, tok, cfg["eval_story"], cfg["eval_examples"], log)
         if cfg["eval_k"]:  # the same questions sampled: the headroom a reward has to work with
             examples = read_prompts(path, tok)[:cfg["eval_examples"]]
             eos_id, generator = tok.special_tokens[tok.template_end], torch.Generator(device).manual_seed(cfg["seed"])

@@ -302,25 +302,25 @@ def sft_sets(seed, train_stories, val_stories):
                   for s in stories(seed, train_stories, val_stories)
                   for q, a in [rng.choice(story_questions(s))]]
     sets = {"train": train, "val": val, "eval_story": eval_story}
-    #> L13 who-data
-    sets |= who_sets(seed, train_stories, val_stories)  # lesson 13's: who, eval_who, demonstrations
+    #> L12 who-data
+    sets |= who_sets(seed, train_stories, val_stories)  # lessons 12-13's: who, eval_who, demonstrations
     sets["train"] += sets.pop("who_demos")
-    #< L13
+    #< L12
     #> L14 adapt-data
     sets |= adapt_sets(seed, train_stories, val_stories)  # lesson 14's: adapt and eval_which
     #< L14
     return sets
 #< L10
-#> L13 who-data
+#> L12 who-data
 
 
 # -----------------------------------------------------------------------------
-# Lesson 13's task at the edge of the model's skill: which of the story's two characters did
-# something. Naming a character is what the base already does (lesson 08); choosing the right
-# one of the two is what RL can teach, if the SFT model already picks it in some samples.
-# The SFT set shows the kind of question only `demos` times a kind: none, and the model
+# The task at the edge of the model's skill, for PPO and GRPO (lessons 12-13): which of the
+# story's two characters did something. Naming a character is what the base already does
+# (lesson 08); choosing the right one of the two is what RL can teach, if the SFT model
+# already picks it in some samples. The SFT set shows the kind of question only `demos` times a kind: none, and the model
 # answers in the form of its six questions (no sample right, nothing to reinforce); many, and
-# it is already right (nothing left to learn). The dial sets the edge (lessons.md, lesson 13).
+# it is already right (nothing left to learn). The dial sets the edge.
 # Two questions name the hero, two the friend: always answering one of them scores 50%.
 
 WHO = [("Who found the {object}?", "hero"), ("Who went to {found_at}?", "hero"),
@@ -353,7 +353,7 @@ def who_sets(seed, train_stories, val_stories, prompts=3000, demos=WHO_DEMOS):
     return {"who": [chat(s, rng.randrange(len(WHO))) for s in stories(seed, 0, prompts)],
             "eval_who": [chat(s, rng.randrange(len(WHO))) for s in stories(seed, train_stories, val_stories)],
             "who_demos": [chat(s, i % len(WHO)) for i, s in enumerate(stories(seed, prompts, demos * len(WHO)))]}
-#< L13
+#< L12
 #> L14 adapt-data
 
 

@@ -1,17 +1,15 @@
 #> L13 tests
 """Lesson 13: group-relative advantages, the GRPO loss and its aggregations, dynamic sampling,
-tiny GRPO runs, and the task at the edge of skill (storyworld.WHO)."""
+tiny GRPO runs."""
 
 import json
 import math
-import re
 
 import pytest
 import torch
 
 import align
 import rl
-import storyworld
 from model import CausalLM, ModelConfig
 from test_l11_dpo import tiny_run  # noqa: F401 (a fixture, shared)
 from test_l12_ppo import rl_cfg, updates
@@ -171,41 +169,6 @@ def test_grpo_from_an_even_start_moves_toward_the_rewarded_answer():
     for _ in range(10):
         rl.grpo_iteration(policy, align.frozen_copy(policy), [{"prompt": [1, 2]}] * 2, reward, updates(opt), cfg, 7, g)
     assert p_right() > 0.8
-
-
-def test_who_questions_name_the_character_the_story_text_says():
-    """For random seeds, every WHO answer against the story's own words, read with regular
-    expressions instead of its facts: the hero walks to the place of the question, the friend
-    lost something and felt bad; the object of "Who found ...?" is the one found or seen."""
-    for seed in (0, 7, 2024):
-        for story in storyworld.stories(seed, 0, 40):
-            text = story.text
-            hero = re.search(r", (\w+) (?:went|walked|wanted)", text).group(1)
-            friend = re.search(r"(\w+) (?:was \w+ because \w+ had lost|looked \w+\. \"I lost)", text).group(1)
-            (found, a1), (went, a2), (_, a3), (sad, a4) = storyworld.who_questions(story)
-            assert (a1, a2, a3, a4) == (f"It was {hero}.",) * 2 + (f"It was {friend}.",) * 2
-            thing = found.removeprefix("Who found the ").removesuffix("?")
-            place = went.removeprefix("Who went to ").removesuffix("?")
-            feeling = sad.removeprefix("Who was ").removesuffix("?")
-            assert re.search(rf"(?:found|saw) a \w+ \w+ {thing}\b", text)
-            assert re.search(rf"{hero} (?:went to|walked to|wanted to visit) {place}\b", text)
-            assert re.search(rf"{friend} (?:was|looked) {feeling}\b", text)
-
-
-def test_who_sets_split_by_story_and_the_checker_wants_the_whole_answer():
-    """RL's prompts and the demonstrations are about training stories, eval_who about held-out
-    ones; demonstrations come `demos` per question. The rule reward: right, right up to case
-    and the full stop, wrong name, right name with words after it (wrong: it must stop)."""
-    sets = storyworld.who_sets(7, train_stories=40, val_stories=10, prompts=20, demos=3)
-    story_of = lambda chat: chat[0]["content"].split("\n", 1)[1]  # noqa: E731
-    held = {s.text for s in storyworld.stories(7, 40, 10)}
-    assert {story_of(c) for c in sets["eval_who"]} == held
-    assert not {story_of(c) for c in sets["who"] + sets["who_demos"]} & held
-    asked = [c[0]["content"].split("\n")[0] for c in sets["who_demos"]]
-    assert len(asked) == 12 and sum(q.startswith("Question: Who lost") for q in asked) == 3
-    assert rl.correct("It was Zoe.", "It was Zoe.") == 1.0 and rl.correct(" it was zoe", "It was Zoe.") == 1.0
-    assert rl.correct("It was Tom.", "It was Zoe.") == 0.0
-    assert rl.correct("It was Zoe. She lost it.", "It was Zoe.") == 0.0
 
 
 def test_grpo_command_runs_end_to_end(tiny_run, tmp_path):

@@ -8,6 +8,7 @@ belongs to, and this script turns them into one git tag per lesson:
     python lessons.py check            # markers valid, every lesson parses
     python lessons.py test 3 7         # run each lesson's own tests in a tmp dir
     python lessons.py test 3 --exercise   # the lesson-03 exercise must fail its tests
+    python lessons.py report           # run the course's chain, write report/report.md
 
 Markers (Markdown files wrap the same text in <!-- -->):
     `#> L07 slug`           lines until `#< L07` exist from lesson 7 on
@@ -23,6 +24,7 @@ and the branches are never touched.
 """
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -407,15 +409,198 @@ def test(repo, numbers, worktree, exercise, slow):
     return ok
 
 
+# -----------------------------------------------------------------------------
+# The report: the course's chain, run on this checkout, and every number it prints
+
+# (name, lesson, command, minutes on a 2-core AVX2 EPYC in fp32: the ETA's first guess).
+# Each stage runs its own command with its default config; only the folders move under the
+# report's ({R}), so a report never overwrites the learner's out/. {S}{s}: the seed (--seeds).
+STAGES = [
+    ("pretrain", 8, "pretrain.py config/tiny.py --out_dir={R}/tiny", 21),
+    ("eval", 9, "eval.py --ckpt {R}/tiny --task ppl mc story", 1),
+    ("sft", 10, "sft.py config/sft.py --init={R}/tiny --out_dir={R}/sft{S} --seed={s}", 46),
+    ("chat", 10, "chat.py {R}/sft", 0.2),
+    ("dpo", 11, "align.py config/dpo.py --out_dir={R}/dpo --init={R}/sft", 5),
+    ("reward", 12, "align.py config/reward.py --out_dir={R}/reward --init={R}/sft", 4),
+    ("ppo", 12, "rl.py config/ppo.py --out_dir={R}/ppo{S} --init={R}/sft --seed={s}", 10),
+    ("grpo", 13, "rl.py config/grpo.py --out_dir={R}/grpo{S} --init={R}/sft --seed={s}", 10),
+    ("finetune", 14, "sft.py config/finetune.py --out_dir={R}/finetune --init={R}/sft", 12),
+    ("lora", 14, "sft.py config/lora.py --out_dir={R}/lora --init={R}/sft", 12),
+    ("qlora", 14, "sft.py config/qlora.py --out_dir={R}/qlora --init={R}/sft", 14),
+    ("bench-train", 8, "bench.py train", 3),
+    ("bench-attention", 15, "bench.py attention", 3),
+]
+SEEDS = [1337, 1, 2, 3, 4]  # --seeds N repeats the seed-sensitive stages (SFT, PPO, GRPO) with the first N
+SMOKE = {  # --smoke: a few steps of each stage on a 300-story corpus and 24 chats a file (CI)
+    "pretrain.py": "--max_iters=4 --eval_interval=2 --eval_iters=1 --log_interval=2 --batch_size=2 "
+                   "--sample_tokens=8 --data_dir={R}/data",
+    "eval.py": "--limit 4",
+    "sft.py": "--max_iters=2 --eval_interval=2 --log_interval=1 --batch_size=2 --eval_n=4 --data={D}/sft/train.jsonl "
+              "--val_data={D}/sft/val.jsonl --eval_story={D}/sft/eval_story.jsonl --eval_which={D}/sft/eval_which.jsonl",
+    "align.py": "--max_iters=2 --eval_interval=2 --log_interval=1 --batch_size=2 --eval_pairs=4 --eval_examples=4 "
+                "--data={D}/dpo/train.jsonl --val_data={D}/dpo/val.jsonl --eval_story={D}/sft/eval_story.jsonl",
+    "rl.py": "--max_iters=2 --eval_interval=2 --log_interval=1 --eval_examples=4 --eval_k=2 --prompts_per_iter=2 "
+             "--prompts={D}/sft/who.jsonl --eval_story={D}/sft/eval_story.jsonl --eval_who={D}/sft/eval_who.jsonl",
+}
+
+
+def smoke_data(out):
+    """The smoke run's data: a 300-story corpus for pretraining, and the first 24 lines of
+    each built-in chat file (made, or remade when stale, by data/prepare.py as on first use)."""
+    steps = [["data/prepare.py", "storyworld", "--stories", "300", "--out", str(out / "data/storyworld")]]
+    steps += [["data/prepare.py", name, "--out", f"data/{name}", "--if_stale"] for name in ("sft", "dpo")]
+    for argv in steps:
+        if run_stage(argv, out / "prepare.log")[0]:
+            raise SystemExit(f"lessons.py report: {' '.join(argv)} failed, see {out / 'prepare.log'}")
+    for f in [*Path("data/sft").glob("*.jsonl"), *Path("data/dpo").glob("*.jsonl")]:
+        (out / "smoke" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        with open(f) as src:
+            (out / "smoke" / f.parent.name / f.name).write_text("".join(src.readlines()[:24]))
+
+
+def run_stage(argv, log_path, stdin_text=None):
+    """One stage as a child process, its output to log_path -> (return code, minutes, peak
+    RSS in MiB). os.wait4 gives the child's own resource use, so the peak is that stage's."""
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        child = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.PIPE if stdin_text else subprocess.DEVNULL, text=True)
+        if stdin_text:
+            child.stdin.write(stdin_text)
+            child.stdin.close()
+        _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen must not wait again
+    peak = usage.ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)  # bytes on macOS, KiB on Linux
+    return child.returncode, (time.time() - t0) / 60, peak
+
+
+def chat_script(repo):
+    """chat.py's input for the transcript: greedy, answers of at most 24 tokens, two held-out
+    story questions, a reset between them. A turn is one line, so the story's line break is typed as \\n."""
+    rows = [json.loads(line) for line in open(Path(repo, "data/sft/eval_story.jsonl"))][:2]
+    turns = [r["messages"][0]["content"].replace("\n", "\\n") for r in rows]
+    return f"/temp 0\n/len 24\n{turns[0]}\n/reset\n{turns[1]}\n"
+
+
+def measured(value):
+    """An eval.json value as text: an exact match with its Wilson interval, a count per kind
+    of question, a number; None for what is not a measurement."""
+    if isinstance(value, dict) and "ci_low" in value:
+        share = value.get("accuracy", value.get("exact_match"))
+        return f"{share:.1%} ({value['ci_low']:.1%}–{value['ci_high']:.1%}, n = {value.get('n', value.get('items'))})"
+    if isinstance(value, list) and len(value) == 2:
+        return f"{value[0]}/{value[1]}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def rows_of(d, prefix=""):
+    """A nested eval.json -> {"story by_question Where did": "38/42", ...}: one row per measurement."""
+    rows = {}
+    for key, value in d.items():
+        if (text := measured(value)) is not None:
+            rows[prefix + key] = text
+        if isinstance(value, dict):  # under a measurement, only its breakdowns (by_question)
+            rows |= rows_of({k: v for k, v in value.items() if isinstance(v, dict)} if text else value, f"{prefix}{key} ")
+    return rows
+
+
+def stage_results(folder):
+    """Markdown lines for what a stage's folder holds: its eval.json as before/after rows, the
+    last row of its log (losses, KL), its plots."""
+    lines = []
+    if (f := folder / "eval.json").exists():
+        ev = json.loads(f.read_text())
+        before, after = rows_of(ev.get("before") or {}), rows_of(ev.get("after") or {})
+        lines += ["| measured | before | after |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {before.get(k, '')} | {after.get(k, '')} |" for k in dict.fromkeys([*before, *after])]
+    if (f := folder / "log.jsonl").exists() and (rows := f.read_text().split("\n")[-2:-1]):
+        lines += ["", "last log row: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in json.loads(rows[0]).items())]
+    lines += [f"![{f.name}]({f.parent.name}/{f.name})" for f in sorted(folder.glob("*.png"))]
+    return lines
+
+
+def cpu_name():
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine()
+
+
+def report(repo, out, chosen, seeds, smoke):
+    """Run the chosen stages in order, then write out/report.md from every stage folder there
+    (so a later --stages run updates its rows and keeps the rest). Returns True if all ran."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.chdir(repo)  # the stages' commands and configs are paths in the checkout
+    known = [name for name, *_ in STAGES]
+    if unknown := set(chosen) - set(known):
+        raise SystemExit(f"lessons.py report: unknown stages {sorted(unknown)}; choose from {', '.join(known)}")
+    if smoke:
+        smoke_data(out)
+    plan = [(name, lesson, cmd, minutes, seed) for name, lesson, cmd, minutes in STAGES if name in chosen
+            for seed in (SEEDS[:seeds] if name in ("sft", "ppo", "grpo") else SEEDS[:1])]
+    if smoke:
+        plan = [p for p in plan if not p[0].startswith("bench")]  # timings: nothing to prove in a few steps
+    done_path = out / "stages.json"
+    done = json.loads(done_path.read_text()) if done_path.exists() else {}
+    spent = guessed = 0.0
+    for i, (name, lesson, cmd, minutes, seed) in enumerate(plan):
+        tag = name if seed == SEEDS[0] else f"{name}_s{seed}"
+        argv = cmd.format(R=out, S="" if seed == SEEDS[0] else f"_s{seed}", s=seed).split()
+        if smoke and argv[0] in SMOKE:
+            argv += SMOKE[argv[0]].format(R=out, D=out / "smoke").split()
+        left = sum(p[3] for p in plan[i:]) * (spent / guessed if guessed else 1)  # priors, scaled by this machine
+        print(f"[{i + 1}/{len(plan)}] {tag}: python {' '.join(argv)}   (chain ETA {left:.0f} min)", flush=True)
+        rc, took, peak = run_stage(argv, out / f"{tag}.log", chat_script(repo) if name == "chat" else None)
+        done[tag] = {"lesson": lesson, "command": "python " + " ".join(argv), "minutes": round(took, 2),
+                     "peak_mib": round(peak), "ok": rc == 0}
+        done_path.write_text(json.dumps(done, indent=2))
+        spent, guessed = spent + took, guessed + minutes
+        if rc:
+            print(f"  failed (exit {rc}); the end of {out / f'{tag}.log'}:\n" + (out / f"{tag}.log").read_text()[-2000:])
+            break
+    write_report(repo, out, done)
+    return all(v["ok"] for v in done.values())
+
+
+def write_report(repo, out, done):
+    commit = git(repo, "rev-parse", "--short", "HEAD").decode().strip()
+    threads = os.environ.get("OMP_NUM_THREADS", f"all {os.cpu_count()}")
+    lines = [f"# Report: commit {commit}, {time.strftime('%Y-%m-%d')}", "",
+             f"CPU: {cpu_name()}, {os.cpu_count()} cores, threads: {threads}. Every minute below is this machine's.", "",
+             "| stage | lesson | minutes | peak RSS (MiB) | command |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {t} | {v['lesson']:02d} | {v['minutes']:.1f} | {v['peak_mib']:,} | `{v['command']}`"
+              f"{'' if v['ok'] else ' (FAILED)'} |" for t, v in done.items()]
+    for tag, v in sorted(done.items(), key=lambda kv: kv[1]["lesson"]):
+        lines += ["", f"## Lesson {v['lesson']:02d}: {tag}", ""]
+        if tag == "chat" or tag.startswith("bench"):  # their output is the result
+            lines += ["```", (out / f"{tag}.log").read_text().strip(), "```"]
+        elif tag == "eval":  # eval.py writes one file per task beside the checkpoint
+            lines += [f"- {f.stem[5:]}: " + ", ".join(f"{k} {x}" for k, x in rows_of(json.loads(f.read_text())).items())
+                      for f in sorted((out / "tiny").glob("eval_*.json"))]
+        else:
+            lines += stage_results(out / ("tiny" if tag == "pretrain" else tag))
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'report.md'}")
+
+
 def main(argv):
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["build", "check", "test"])
+    ap.add_argument("command", choices=["build", "check", "test", "report"])
     ap.add_argument("lessons", nargs="*", type=int, help="test: which lessons (default all)")
     ap.add_argument("--worktree", action="store_true", help="read the work tree, not main")
     ap.add_argument("--exercise", action="store_true", help="test: the lessonNN-ex renders")
     ap.add_argument("--slow", action="store_true", help="test: include @pytest.mark.slow tests")
+    ap.add_argument("--stages", default=",".join(name for name, *_ in STAGES), help="report: which, comma-separated")
+    ap.add_argument("--seeds", type=int, default=1, help="report: runs of SFT, PPO and GRPO, one seed each")
+    ap.add_argument("--smoke", action="store_true", help="report: a few steps of each stage (CI)")
+    ap.add_argument("--out", default="report", help="report: the folder for its runs and report.md")
     if not argv:  # argparse would ask for "command, lessons", though only test takes lessons
         ap.print_help()
         return 2
@@ -425,6 +610,8 @@ def main(argv):
         if args.command == "build":
             build(repo)
             return 0
+        if args.command == "report":
+            return 0 if report(repo, args.out, args.stages.split(","), args.seeds, args.smoke) else 1
         if args.command == "check":
             return 0 if check(repo, args.worktree) else 1
         return 0 if test(repo, args.lessons, args.worktree, args.exercise, args.slow) else 1

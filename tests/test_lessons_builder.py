@@ -5,6 +5,7 @@ start with a marker (lessons.py reads every file of the real repo too).
 """
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,23 @@ def test_lessons_whose_code_did_not_change_are_not_rerun(tmp_path):
     lines = res.stdout.splitlines()[1:]
     assert lines[0].split()[:3] == ["lesson01", "ok", "1"]
     assert all("(same code as the lesson before)" in line for line in lines[1:]) and len(lines) == 3
+
+
+def test_report_turns_a_stage_folder_into_rows(tmp_path):
+    """report.md's rows from a stage's files: an exact match with its Wilson interval and its
+    counts per kind of question, before beside after; the last log row; the plots."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lessons", LESSONS)
+    lessons = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lessons)
+    story = {"accuracy": 0.88, "ci_low": 0.8277, "ci_high": 0.9180, "n": 200, "by_question": {"Where did": [38, 42]}}
+    (tmp_path / "eval.json").write_text(json.dumps({"before": {"story": {**story, "accuracy": 0.0}},
+                                                    "after": {"story": story, "chat": True, "kl": 0.01234}}))
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    (tmp_path / "loss.png").write_bytes(b"")
+    lines = lessons.stage_results(tmp_path)
+    assert "| story | 0.0% (82.8%–91.8%, n = 200) | 88.0% (82.8%–91.8%, n = 200) |" in lines
+    assert "| story by_question Where did | 38/42 | 38/42 |" in lines
+    assert "| kl |  | 0.01234 |" in lines and not any("chat" in line for line in lines)
+    assert "last log row: step 2, loss 1.5" in lines and f"![loss.png]({tmp_path.name}/loss.png)" in lines

@@ -541,10 +541,14 @@ def report(repo, out, chosen, seeds, smoke):
         raise SystemExit(f"lessons.py report: unknown stages {sorted(unknown)}; choose from {', '.join(known)}")
     if smoke:
         smoke_data(out)
+    # One entry per run: a seed-sensitive stage once per seed, the rest once. Later stages
+    # start from the first seed's SFT model, so --seeds measures spread without multiplying the chain.
     plan = [(name, lesson, cmd, minutes, seed) for name, lesson, cmd, minutes in STAGES if name in chosen
             for seed in (SEEDS[:seeds] if name in ("sft", "ppo", "grpo") else SEEDS[:1])]
     if smoke:
         plan = [p for p in plan if not p[0].startswith("bench")]  # timings: nothing to prove in a few steps
+    # stages.json keeps every stage's command, minutes and peak across runs, so `--stages dpo`
+    # reruns one stage and the report still shows the chain.
     done_path = out / "stages.json"
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
     spent = guessed = 0.0

@@ -177,10 +177,13 @@ def test_grpo_command_runs_end_to_end(tiny_run, tmp_path):
     root, _ = tiny_run
     for beta in (0.04, 0.0):
         out = tmp_path / f"grpo{beta}"
-        cfg = rl_cfg(root, out, method="grpo", prompts=str(root / "eval.jsonl"), task="story", max_iters=2,
-                      log_interval=1, prompts_per_iter=2, samples_per_prompt=4, max_new_tokens=4, kl_coef=beta)
+        task = "story" if beta else "who"  # another task than the story questions: both are measured
+        cfg = rl_cfg(root, out, method="grpo", prompts=str(root / "eval.jsonl"), task=task, max_iters=2,
+                      eval_who=str(root / "eval.jsonl"), log_interval=1, prompts_per_iter=2, samples_per_prompt=4,
+                      max_new_tokens=4, kl_coef=beta)
         res = rl.train(cfg, log=lambda *a: None)
         log = [json.loads(line) for line in open(out / "log.jsonl")]
         assert {"reward", "correct", "format", "zero_adv_groups", "kl", "clip_frac", "entropy", "length"} <= log[0].keys()
         assert res["step"] == 2 and "exact_match" in res["before"] and (out / "curves.png").exists()
+        assert ("story" in res["before"] and "story" in res["after"]) == (task == "who")
 #< L13

@@ -416,8 +416,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate a checkpoint.")
     ap.add_argument("--ckpt", default="out/tiny", help="run folder or ckpt.pt")
     tasks = ["ppl", "mc", "passk", "humaneval", "story", "arith"]
-    #> L12 who-task
-    tasks.append("who")  # RL's task at the edge of skill (lessons 12-13): data/sft/eval_who.jsonl
+    #> L12 edge-task
+    tasks += ["lost", "herokind"]  # RL's task at the edge of skill and its control (lessons 12-13)
     #< L12
     #> L14 adapt-task
     tasks.append("which")  # lesson 14's adaptation task: a chat model's, data/sft/eval_which.jsonl
@@ -435,7 +435,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="bfloat16: half the memory (a Hugging Face model on a laptop)")
     args = ap.parse_args(argv)
-    if args.n is not None and {"story", "arith", "which", "who"} & set(args.task):  # their count is --limit
+    if args.n is not None and {"story", "arith", "which", "lost", "herokind"} & set(args.task):  # their count is --limit
         sys.exit(f"eval.py: --n is pass@k's samples per problem; the exact-match tasks take "
                  f"--limit (questions, now {args.limit}) instead")
     sys.path.insert(0, str(HERE / "data"))  # the built-in tasks live in data/storyworld.py
@@ -479,7 +479,7 @@ def main(argv=None):
         elif ckpt.get("chat"):  # a chat model answers through its template, not a "Answer:" cue
             result = report_exact_match(model, tok, chat_tasks(task, args.limit, args.file))
         #< L10
-        elif task not in ("story", "arith"):  # which, who: questions only a chat model was taught
+        elif task not in ("story", "arith"):  # which, lost, herokind: questions only a chat model was taught
             sys.exit(f"eval.py: --task {task} asks a chat model (sft.py's); {args.ckpt} completes text")
         else:
             pairs = story_tasks(args.limit) if task == "story" else arith_tasks(args.limit)

@@ -440,7 +440,7 @@ SMOKE = {  # --smoke: a few steps of each stage on a 300-story corpus and 24 cha
     "align.py": "--max_iters=2 --eval_interval=2 --log_interval=1 --batch_size=2 --eval_pairs=4 --eval_examples=4 "
                 "--data={D}/dpo/train.jsonl --val_data={D}/dpo/val.jsonl --eval_story={D}/sft/eval_story.jsonl",
     "rl.py": "--max_iters=2 --eval_interval=2 --log_interval=1 --eval_examples=4 --eval_k=2 --prompts_per_iter=2 "
-             "--prompts={D}/sft/who.jsonl --eval_story={D}/sft/eval_story.jsonl --eval_who={D}/sft/eval_who.jsonl",
+             "--prompts={D}/sft/lost.jsonl --eval_story={D}/sft/eval_story.jsonl --eval_lost={D}/sft/eval_lost.jsonl",
 }
 
 

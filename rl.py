@@ -55,7 +55,8 @@ DEFAULTS = dict(
     eval_k=8,  # and samples of each at the rollout temperature, for pass@k and mean@k (0: none)
     reference="copy",  # the KL's anchor: a frozen "copy" of the init model; "lora": lesson 14
     eval_story="data/sft/eval_story.jsonl",  # held-out questions for exact match (lesson 10)
-    eval_who="data/sft/eval_who.jsonl",  # the task at the edge of skill (storyworld.WHO)
+    eval_lost="data/sft/eval_lost.jsonl",  # the task at the edge of skill (storyworld.edge_sets)
+    eval_herokind="data/sft/eval_herokind.jsonl",  # its control: a lookup SFT did not form
     # Rollouts and rewards
     task="story",  # the verifiable task PPO/GRPO train and test on (its eval_<task> file)
     reward="rule",  # "rule" (exact match) or "model" (the reward model at reward_init)

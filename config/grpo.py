@@ -1,12 +1,14 @@
 #> L13 config
-# GRPO from the SFT model of lesson 10 with a verifiable reward (exact match on story questions).
+# GRPO from the SFT model of lesson 10 with a verifiable reward (exact match).
 # python rl.py config/grpo.py
 method = "grpo"
 init = "out/sft"
 out_dir = "out/grpo"
-# The held-out story questions of lesson 10 (data/sft/eval_story.jsonl): RL can only reinforce
-# right answers the model sometimes samples, and these it often gets right.
-task = "story"
+# Lesson 10's "What did Omar lose?" about 3,000 training stories (data/sft/lost.jsonl): the
+# lookup SFT forms halfway, so some of the 8 samples are right where greedy is wrong.
+# `--task=herokind --prompts=data/sft/herokind.jsonl` is the control: a lookup it lacks.
+task = "lost"
+prompts = "data/sft/lost.jsonl"
 lr = 1e-4
 prompts_per_iter = 8
 samples_per_prompt = 8

@@ -1,12 +1,13 @@
 #> L12 config
-# PPO from the SFT model of lesson 10 with a rule reward (exact match on story questions).
+# PPO from the SFT model of lesson 10 with a rule reward (exact match).
 # python rl.py config/ppo.py               (--reward=model: the reward model of config/reward.py)
 method = "ppo"
 init = "out/sft"
 out_dir = "out/ppo"
-# The held-out story questions of lesson 10 (data/sft/eval_story.jsonl): RL can only reinforce
-# right answers the model sometimes samples, and these it often gets right.
-task = "story"
+# Lesson 10's "What did Omar lose?" about 3,000 training stories (data/sft/lost.jsonl): the
+# lookup SFT forms halfway, so some of the samples are right where greedy is wrong.
+task = "lost"
+prompts = "data/sft/lost.jsonl"
 reward = "rule"
 lr = 1e-4
 prompts_per_iter = 8

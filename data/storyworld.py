@@ -302,57 +302,52 @@ def sft_sets(seed, train_stories, val_stories):
                   for s in stories(seed, train_stories, val_stories)
                   for q, a in [rng.choice(story_questions(s))]]
     sets = {"train": train, "val": val, "eval_story": eval_story}
-    #> L12 who-data
-    sets |= who_sets(seed, train_stories, val_stories)  # lessons 12-13's: who, eval_who, demonstrations
-    sets["train"] += sets.pop("who_demos")
+    #> L12 edge-data
+    sets |= edge_sets(seed, train_stories, val_stories)  # lessons 12-13's: lost, eval_lost, and a control
     #< L12
     #> L14 adapt-data
     sets |= adapt_sets(seed, train_stories, val_stories)  # lesson 14's: adapt and eval_which
     #< L14
     return sets
 #< L10
-#> L12 who-data
+#> L12 edge-data
 
 
 # -----------------------------------------------------------------------------
-# The task at the edge of the model's skill, for PPO and GRPO (lessons 12-13): which of the
-# story's two characters did something. Naming a character is what the base already does
-# (lesson 08); choosing the right one of the two is what RL can teach, if the SFT model
-# already picks it in some samples. The SFT set shows the kind of question only `demos` times a kind: none, and the model
-# answers in the form of its six questions (no sample right, nothing to reinforce); many, and
-# it is already right (nothing left to learn). The dial sets the edge.
-# Two questions name the hero, two the friend: always answering one of them scores 50%.
-
-WHO = [("Who found the {object}?", "hero"), ("Who went to {found_at}?", "hero"),
-       ("Who lost something?", "friend"), ("Who was {friend_feels_bad}?", "friend")]
-WHO_DEMOS = 0  # demonstrations of each WHO question in lesson 10's training set
+# The task at the edge of the model's skill, for PPO and GRPO (lessons 12-13): lesson 10's
+# "What did Omar lose?", asked about every story. Of lesson 10's six lookups it is the one SFT
+# forms only halfway (each story names two objects, and the answer must be the friend's): the
+# SFT model picks the right object for about 4 questions in 10 and samples it for about 6 in
+# 10 (pass@8), so a reward has right answers to reinforce and wrong ones to push down.
+# The control is a lookup SFT never formed: "What kind of animal or person was Emma?" about
+# the hero. Lesson 10 asks it only about the friend, and the SFT model answers with the
+# friend's kind, in all 8 samples: nothing right to reinforce.
 
 
-def who_questions(story):
-    """[(question, exact answer)] about one story, in the order of WHO. The answer puts the
-    name after "was", as the story does ("was with Zoe"): the story's own token " Zoe".
+def hero_kind_question(story):
+    """(question, exact answer) of the control; None when both characters are of one kind.
 
-    >>> who_questions(Story("", {"hero": "Tom", "friend": "Zoe", "object": "kite",
-    ...     "found_at": "the park", "friend_feels_bad": "sad"}))[2]
-    ('Who lost something?', 'It was Zoe.')
+    >>> hero_kind_question(Story("", {"hero": "Tom", "hero_kind": "fox", "friend_kind": "owl"}))
+    ('What kind of animal or person was Tom?', 'a fox')
     """
     f = story.facts
-    return [(q.format(**f), f"It was {f[who]}.") for q, who in WHO]
+    if f["hero_kind"] == f["friend_kind"]:  # the friend's kind would be right too
+        return None
+    return f"What kind of animal or person was {f['hero']}?", f"a {f['hero_kind']}"
 
 
-def who_sets(seed, train_stories, val_stories, prompts=3000, demos=WHO_DEMOS):
-    """who: RL's prompts, one who-question about each of the first `prompts` training stories;
-    eval_who: one per held-out story; who_demos: `demos` chats of each WHO question, about
-    training stories after the prompts' (lesson 10's set takes them in)."""
-    rng = random.Random(f"{seed}-who")
+def edge_sets(seed, train_stories, val_stories, prompts=3000):
+    """lost: RL's prompts, the lost question about each of the first `prompts` training
+    stories; eval_lost: about each held-out story. herokind, eval_herokind: the same for the
+    control (stories whose two characters are of one kind skipped)."""
+    def chats(start, count, ask):
+        asked = [(s, ask(s)) for s in stories(seed, start, count)]
+        return [[turn("user", question_turn(s, qa[0])), turn("assistant", qa[1])] for s, qa in asked if qa]
 
-    def chat(story, k):
-        question, answer = who_questions(story)[k]
-        return [turn("user", question_turn(story, question)), turn("assistant", answer)]
-
-    return {"who": [chat(s, rng.randrange(len(WHO))) for s in stories(seed, 0, prompts)],
-            "eval_who": [chat(s, rng.randrange(len(WHO))) for s in stories(seed, train_stories, val_stories)],
-            "who_demos": [chat(s, i % len(WHO)) for i, s in enumerate(stories(seed, prompts, demos * len(WHO)))]}
+    lost = lambda s: story_questions(s)[[key for *_, key in QUESTIONS].index("lost")]  # noqa: E731
+    return {"lost": chats(0, prompts, lost), "eval_lost": chats(train_stories, val_stories, lost),
+            "herokind": chats(0, prompts, hero_kind_question),
+            "eval_herokind": chats(train_stories, val_stories, hero_kind_question)}
 #< L12
 #> L14 adapt-data
 

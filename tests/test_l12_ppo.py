@@ -16,7 +16,7 @@ import rl
 import storyworld
 from conftest import ROOT
 from model import CausalLM, ModelConfig
-from run import load_run
+from run import load_config, load_run
 from test_l11_dpo import run_cfg, tiny_run  # noqa: F401 (a fixture, shared)
 
 
@@ -306,38 +306,54 @@ def test_a_method_of_the_other_file_names_the_command_to_run(monkeypatch, argv, 
     assert stop.value.code == want
 
 
-def test_who_questions_name_the_character_the_story_text_says():
-    """For random seeds, every WHO answer against the story's own words, read with regular
-    expressions instead of its facts: the hero walks to the place of the question, the friend
-    lost something and felt bad; the object of "Who found ...?" is the one found or seen."""
+def test_edge_tasks_ask_what_the_story_text_says():
+    """For random seeds, the answers against the story's own words, read with regular
+    expressions instead of its facts: the friend is the one who "had lost" (or said "I lost my")
+    the object of the answer; the hero is the first character introduced, of the kind in the
+    control's answer, and a story whose two characters are of one kind gets no control question."""
+    introduced = r"an? (\w+) (?:named|called) (\w+)|(\w+) was an? (\w+) who"
+    lost = r"(\w+) (?:was \w+ because \w+ had lost \w+|looked \w+\. \"I lost my) (\w+)"
+    skipped = 0
     for seed in (0, 7, 2024):
-        for story in storyworld.stories(seed, 0, 40):
-            text = story.text
-            hero = re.search(r", (\w+) (?:went|walked|wanted)", text).group(1)
-            friend = re.search(r"(\w+) (?:was \w+ because \w+ had lost|looked \w+\. \"I lost)", text).group(1)
-            (found, a1), (went, a2), (_, a3), (sad, a4) = storyworld.who_questions(story)
-            assert (a1, a2, a3, a4) == (f"It was {hero}.",) * 2 + (f"It was {friend}.",) * 2
-            thing = found.removeprefix("Who found the ").removesuffix("?")
-            place = went.removeprefix("Who went to ").removesuffix("?")
-            feeling = sad.removeprefix("Who was ").removesuffix("?")
-            assert re.search(rf"(?:found|saw) a \w+ \w+ {thing}\b", text)
-            assert re.search(rf"{hero} (?:went to|walked to|wanted to visit) {place}\b", text)
-            assert re.search(rf"{friend} (?:was|looked) {feeling}\b", text)
+        sets = storyworld.edge_sets(seed, train_stories=30, val_stories=30, prompts=30)
+        texts = [s.text for s in storyworld.stories(seed, 0, 30)]
+        assert [c[0]["content"].split("\n", 1)[1] for c in sets["lost"]] == texts
+        for chat in sets["lost"]:
+            friend, thing = re.search(lost, chat[0]["content"]).groups()
+            assert chat[0]["content"].startswith(f"Question: What did {friend} lose?\n")
+            assert re.fullmatch(rf"{friend} lost (?:his|her) {thing}\.", chat[1]["content"])
+        for story in storyworld.stories(seed, 0, 30):
+            (k1, n1), (k2, n2) = [(m[0] or m[3], m[1] or m[2]) for m in re.findall(introduced, story.text)]
+            qa = storyworld.hero_kind_question(story)
+            assert qa == (None if k1 == k2 else (f"What kind of animal or person was {n1}?", f"a {k1}"))
+            skipped += qa is None
+        assert len(sets["herokind"]) == 30 - sum(storyworld.hero_kind_question(s) is None
+                                                 for s in storyworld.stories(seed, 0, 30))
+    assert 0 < skipped < 20  # kinds repeat in about 1 story in 15
 
 
-def test_who_sets_split_by_story_and_the_checker_wants_the_whole_answer():
-    """RL's prompts and the demonstrations are about training stories, eval_who about held-out
-    ones; demonstrations come `demos` per question. The rule reward: right, right up to case
-    and the full stop, wrong name, right name with words after it (wrong: it must stop)."""
-    sets = storyworld.who_sets(7, train_stories=40, val_stories=10, prompts=20, demos=3)
+def test_edge_sets_split_by_story_and_the_checker_wants_the_whole_answer():
+    """RL's prompts are about training stories, the held-out sets about held-out ones, one
+    question each. The rule reward: right, right up to case and the full stop, the story's
+    other object, the right answer with words after it (wrong: it must stop)."""
+    sets = storyworld.edge_sets(7, train_stories=40, val_stories=10, prompts=20)
     story_of = lambda chat: chat[0]["content"].split("\n", 1)[1]  # noqa: E731
-    held = {s.text for s in storyworld.stories(7, 40, 10)}
-    assert {story_of(c) for c in sets["eval_who"]} == held
-    assert not {story_of(c) for c in sets["who"] + sets["who_demos"]} & held
-    asked = [c[0]["content"].split("\n")[0] for c in sets["who_demos"]]
-    assert len(asked) == 12 and sum(q.startswith("Question: Who lost") for q in asked) == 3
-    assert rl.correct("It was Zoe.", "It was Zoe.") == 1.0 and rl.correct(" it was zoe", "It was Zoe.") == 1.0
-    assert rl.correct("It was Tom.", "It was Zoe.") == 0.0
-    assert rl.correct("It was Zoe. She lost it.", "It was Zoe.") == 0.0
+    held = [s.text for s in storyworld.stories(7, 40, 10)]
+    assert [story_of(c) for c in sets["eval_lost"]] == held
+    assert {story_of(c) for c in sets["eval_herokind"]} <= set(held)
+    assert not {story_of(c) for c in sets["lost"] + sets["herokind"]} & set(held)
+    assert rl.correct("Omar lost his drum.", "Omar lost his drum.") == 1.0
+    assert rl.correct(" omar lost his drum", "Omar lost his drum.") == 1.0
+    assert rl.correct("Omar lost his kite.", "Omar lost his drum.") == 0.0
+    assert rl.correct("Omar lost his drum. He was sad.", "Omar lost his drum.") == 0.0
+
+
+def test_ppo_config_trains_on_the_lost_task_lesson_10_data_holds():
+    """config/ppo.py trains on the prompts lesson 10's data writes for the lost-task
+    (data/sft/lost.jsonl) and is measured on its held-out file."""
+    cfg = load_config(ROOT / "config" / "ppo.py", rl.DEFAULTS)
+    assert cfg["task"] == "lost" and cfg["prompts"] == "data/sft/lost.jsonl" and cfg["init"] == "out/sft"
+    assert cfg["eval_lost"] == "data/sft/eval_lost.jsonl"
+    assert {"lost", "eval_lost"} <= storyworld.sft_sets(7, train_stories=30, val_stories=5).keys()
 
 #< L12

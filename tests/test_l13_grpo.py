@@ -10,7 +10,10 @@ import torch
 
 import align
 import rl
+import storyworld
+from conftest import ROOT
 from model import CausalLM, ModelConfig
+from run import load_config
 from test_l11_dpo import tiny_run  # noqa: F401 (a fixture, shared)
 from test_l12_ppo import rl_cfg, updates
 
@@ -171,19 +174,29 @@ def test_grpo_from_an_even_start_moves_toward_the_rewarded_answer():
     assert p_right() > 0.8
 
 
+def test_grpo_config_trains_on_a_task_lesson_10_data_holds():
+    """config/grpo.py names a task whose prompts and held-out questions lesson 10's data writes
+    (data/sft/<name>.jsonl), and rl.py has the key of its held-out file."""
+    cfg = load_config(ROOT / "config" / "grpo.py", rl.DEFAULTS)
+    sets = storyworld.sft_sets(7, train_stories=30, val_stories=5)
+    assert cfg["task"] == "lost" and cfg["prompts"] == "data/sft/lost.jsonl"
+    assert cfg[f"eval_{cfg['task']}"] == f"data/sft/eval_{cfg['task']}.jsonl"
+    assert len(sets["lost"]) == 3000 and len(sets["eval_lost"]) == 5
+
+
 def test_grpo_command_runs_end_to_end(tiny_run, tmp_path):
     """config/grpo.py's loop on a tiny run: logs reward parts, zero-advantage groups and
     the KL (measured at beta = 0 too), evaluates exact match before and after, writes curves.png."""
     root, _ = tiny_run
     for beta in (0.04, 0.0):
         out = tmp_path / f"grpo{beta}"
-        task = "story" if beta else "who"  # another task than the story questions: both are measured
+        task = "story" if beta else "lost"  # another task than the story questions: both are measured
         cfg = rl_cfg(root, out, method="grpo", prompts=str(root / "eval.jsonl"), task=task, max_iters=2,
-                      eval_who=str(root / "eval.jsonl"), log_interval=1, prompts_per_iter=2, samples_per_prompt=4,
+                      eval_lost=str(root / "eval.jsonl"), log_interval=1, prompts_per_iter=2, samples_per_prompt=4,
                       max_new_tokens=4, kl_coef=beta)
         res = rl.train(cfg, log=lambda *a: None)
         log = [json.loads(line) for line in open(out / "log.jsonl")]
         assert {"reward", "correct", "format", "zero_adv_groups", "kl", "clip_frac", "entropy", "length"} <= log[0].keys()
         assert res["step"] == 2 and "exact_match" in res["before"] and (out / "curves.png").exists()
-        assert ("story" in res["before"] and "story" in res["after"]) == (task == "who")
+        assert ("story" in res["before"] and "story" in res["after"]) == (task == "lost")
 #< L13

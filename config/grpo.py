@@ -9,7 +9,10 @@ out_dir = "out/grpo"
 # `--task=herokind --prompts=data/sft/herokind.jsonl` is the control: a lookup it lacks.
 task = "lost"
 prompts = "data/sft/lost.jsonl"
-lr = 1e-4
+# lr 2e-4: from lesson 10's model, held-out lost-task 36.5% -> 51.0%, 47.0%, 51.0% with seeds
+# 1337, 1, 2, story questions held (lessons.md, lesson 13); at 1e-4 the samples sharpen and
+# greedy moves 4 points (40.5%).
+lr = 2e-4
 prompts_per_iter = 8
 samples_per_prompt = 8
 kl_coef = 0.04

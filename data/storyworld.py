@@ -321,7 +321,7 @@ def sft_sets(seed, train_stories, val_stories):
 # 10 (pass@8), so a reward has right answers to reinforce and wrong ones to push down.
 # The control is a lookup SFT never formed: "What kind of animal or person was Emma?" about
 # the hero. Lesson 10 asks it only about the friend, and the SFT model answers with the
-# friend's kind, in all 8 samples: nothing right to reinforce.
+# friend's kind: about 1 sample in 160 is right (lesson 13 shows what GRPO makes of so few).
 
 
 def hero_kind_question(story):

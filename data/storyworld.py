@@ -336,16 +336,23 @@ def hero_kind_question(story):
     return f"What kind of animal or person was {f['hero']}?", f"a {f['hero_kind']}"
 
 
+def lost_question(story):
+    """(question, exact answer): lesson 10's question about what the friend lost."""
+    question, answer = next((q, a) for q, a, key in QUESTIONS if key == "lost")
+    return question.format(**story.facts), answer.format(**story.facts)
+
+
 def edge_sets(seed, train_stories, val_stories, prompts=3000):
     """lost: RL's prompts, the lost question about each of the first `prompts` training
     stories; eval_lost: about each held-out story. herokind, eval_herokind: the same for the
     control (stories whose two characters are of one kind skipped)."""
+    prompts = min(prompts, train_stories)  # subtle: past train_stories the stories are held out
+
     def chats(start, count, ask):
         asked = [(s, ask(s)) for s in stories(seed, start, count)]
         return [[turn("user", question_turn(s, qa[0])), turn("assistant", qa[1])] for s, qa in asked if qa]
 
-    lost = lambda s: story_questions(s)[[key for *_, key in QUESTIONS].index("lost")]  # noqa: E731
-    return {"lost": chats(0, prompts, lost), "eval_lost": chats(train_stories, val_stories, lost),
+    return {"lost": chats(0, prompts, lost_question), "eval_lost": chats(train_stories, val_stories, lost_question),
             "herokind": chats(0, prompts, hero_kind_question),
             "eval_herokind": chats(train_stories, val_stories, hero_kind_question)}
 #< L12

@@ -348,12 +348,20 @@ def test_edge_sets_split_by_story_and_the_checker_wants_the_whole_answer():
     assert rl.correct("Omar lost his drum. He was sad.", "Omar lost his drum.") == 0.0
 
 
-def test_ppo_config_trains_on_the_lost_task_lesson_10_data_holds():
-    """config/ppo.py trains on the prompts lesson 10's data writes for the lost-task
-    (data/sft/lost.jsonl) and is measured on its held-out file."""
-    cfg = load_config(ROOT / "config" / "ppo.py", rl.DEFAULTS)
-    assert cfg["task"] == "lost" and cfg["prompts"] == "data/sft/lost.jsonl" and cfg["init"] == "out/sft"
-    assert cfg["eval_lost"] == "data/sft/eval_lost.jsonl"
-    assert {"lost", "eval_lost"} <= storyworld.sft_sets(7, train_stories=30, val_stories=5).keys()
+def config_trains_on_written_sets(name):
+    """A RL config's prompts and its task's held-out file are sets that `python data/prepare.py
+    sft` writes (data/sft/<set>.jsonl), from lesson 10's model; the prompts are about training
+    stories only, even when there are fewer of them than the prompts asked for."""
+    cfg = load_config(ROOT / "config" / name, rl.DEFAULTS)
+    sets = storyworld.sft_sets(7, train_stories=30, val_stories=5)
+    prompts, held_out = (re.fullmatch(r"data/sft/(\w+)\.jsonl", cfg[k]) for k in ("prompts", f"eval_{cfg['task']}"))
+    assert prompts and held_out and {prompts[1], held_out[1]} <= sets.keys() and cfg["init"] == "out/sft"
+    story_of = lambda chat: chat[0]["content"].split("\n", 1)[1]  # noqa: E731
+    assert {story_of(c) for c in sets[prompts[1]]} <= {s.text for s in storyworld.stories(7, 0, 30)}
+    assert len(sets[held_out[1]]) <= 5 < len(sets[prompts[1]])
+
+
+def test_ppo_config_trains_on_sets_lesson_10_data_writes():
+    config_trains_on_written_sets("ppo.py")
 
 #< L12

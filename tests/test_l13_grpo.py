@@ -10,12 +10,9 @@ import torch
 
 import align
 import rl
-import storyworld
-from conftest import ROOT
 from model import CausalLM, ModelConfig
-from run import load_config
 from test_l11_dpo import tiny_run  # noqa: F401 (a fixture, shared)
-from test_l12_ppo import rl_cfg, updates
+from test_l12_ppo import config_trains_on_written_sets, rl_cfg, updates
 
 
 def tiny_model(seed=0, vocab=8):
@@ -174,14 +171,8 @@ def test_grpo_from_an_even_start_moves_toward_the_rewarded_answer():
     assert p_right() > 0.8
 
 
-def test_grpo_config_trains_on_a_task_lesson_10_data_holds():
-    """config/grpo.py names a task whose prompts and held-out questions lesson 10's data writes
-    (data/sft/<name>.jsonl), and rl.py has the key of its held-out file."""
-    cfg = load_config(ROOT / "config" / "grpo.py", rl.DEFAULTS)
-    sets = storyworld.sft_sets(7, train_stories=30, val_stories=5)
-    assert cfg["task"] == "lost" and cfg["prompts"] == "data/sft/lost.jsonl"
-    assert cfg[f"eval_{cfg['task']}"] == f"data/sft/eval_{cfg['task']}.jsonl"
-    assert len(sets["lost"]) == 3000 and len(sets["eval_lost"]) == 5
+def test_grpo_config_trains_on_sets_lesson_10_data_writes():
+    config_trains_on_written_sets("grpo.py")
 
 
 def test_grpo_command_runs_end_to_end(tiny_run, tmp_path):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.chats import read_conversations, refresh_data_on_rank0
@@ -220,6 +221,35 @@ def val_loss(model, batches, iters, autocast):
     return total / count
 
 
+@torch.no_grad()
+def loss_by_reply_token(model, examples, first=4, batch_size=16):
+    """Mean loss (nats) at the 1st, 2nd, ... first-th token of every reply in
+    `examples` (rendered (ids, mask) pairs): a list of `first` floats.
+
+    One mean hides where the loss sits. A reply's first tokens carry the choice (which
+    word, spelled with which tokens); once begun, the rest mostly copies the story. From
+    the base, a rank-8 adapter leaves nats on the first tokens that full SFT removes
+    (lessons.md, lesson 14).
+    """
+    model.eval()
+    sums, counts = torch.zeros(first), torch.zeros(first)
+    device = next(model.parameters()).device
+    for i in range(0, len(examples), batch_size):
+        x, y = (t.to(device) for t in pad_batch(examples[i:i + batch_size]))  # (B, T) each
+        nll = F.cross_entropy(model(x)[0].float().transpose(1, 2), y.clamp(min=0), reduction="none")  # (B, T)
+        supervised = y != -1
+        before = torch.zeros_like(supervised)
+        before[:, 1:] = supervised[:, :-1]
+        pos = torch.arange(y.size(1), device=device).expand_as(y)  # (B, T)
+        # k: tokens into the current reply, counted from the last position where one began
+        k = pos - torch.where(supervised & ~before, pos, -1).cummax(-1).values
+        keep = supervised & (k < first)
+        sums.index_add_(0, k[keep].cpu(), nll[keep].cpu())
+        counts.index_add_(0, k[keep].cpu(), torch.ones(int(keep.sum())))
+    model.train()
+    return (sums / counts.clamp(min=1)).tolist()
+
+
 def by_question(examples, right):
     """[right, total] per kind of question, the kind being the first two words of the
     question ("Where did", "Who had"; a leading "Question: " skipped).
@@ -262,6 +292,11 @@ def evaluate(model, tok, cfg, log=print):
         if len(results[task]["by_question"]) > 1:
             log("  by question: " + ", ".join(f"{kind} {right}/{n}" for kind, (right, n)
                                               in results[task]["by_question"].items()))
+        rendered = [c for c in read_conversations(cfg[f"eval_{task}"], tok)[:cfg["eval_n"]]
+                    if len(c[0]) - 1 <= model.cfg.block_size]
+        results[task]["loss_by_token"] = loss_by_reply_token(model, rendered)
+        log("  loss at a reply's tokens 1, 2, 3, 4: " + ", ".join(f"{v:.2f}" for v in results[task]["loss_by_token"])
+            + " nats")
     model.train()
     return results
 

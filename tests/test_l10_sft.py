@@ -236,6 +236,26 @@ def test_masked_loss_is_cross_entropy_over_exactly_the_supervised_tokens(byte_to
     torch.testing.assert_close(loss, reference)
 
 
+def test_loss_by_reply_token_counts_from_each_replys_start(byte_tok):
+    """Each conversation alone, unpadded: the loss of every supervised token, its place
+    in its own reply counted by a plain loop (multi-turn chats restart at each reply),
+    averaged per place. Guards the shift, the restart and padding."""
+    chats = random_chats(byte_tok, 6, seed=1)
+    model = tiny_model(byte_tok.vocab_size)
+    sums, counts = [0.0] * 3, [0] * 3
+    for ids, mask in chats:
+        nll = F.cross_entropy(model(torch.tensor([ids[:-1]]))[0][0], torch.tensor(ids[1:]), reduction="none")
+        k = 0
+        for j, m in enumerate(mask[1:]):
+            k = k + 1 if m and mask[j] else 0  # mask[j]: the previous target was supervised too
+            if m and k < 3:
+                sums[k] += nll[j].item()
+                counts[k] += 1
+    assert min(counts) > 0
+    got = sft.loss_by_reply_token(model, chats, first=3, batch_size=4)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(sums) / torch.tensor(counts))
+
+
 @pytest.mark.parametrize("pos_emb", ["rope", "learned", "sinusoidal"])
 def test_packed_equals_padded_loss_and_gradients(byte_tok, pos_emb):
     """Several conversations per row must behave exactly as one per row: positions restart,

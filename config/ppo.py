@@ -1,6 +1,7 @@
 #> L12 config
 # PPO from the SFT model of lesson 10 with a rule reward (exact match).
-# python rl.py config/ppo.py               (--reward=model: the reward model of config/reward.py)
+# python rl.py config/ppo.py               (--reward=model: the reward model of config/reward.py,
+#                                          which PPO learns to fool: lessons.md, lesson 12)
 method = "ppo"
 init = "out/sft"
 out_dir = "out/ppo"

@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.chats import read_conversations, refresh_data_on_rank0
 from run import (RESUMABLE, RUN_DEFAULTS, chat_exact_match, check_resume, exact_match_line, get_lr,
                  load_run, logged, optimizer_step, plot_log, progress_line,
-                 resume_training, run_main, save_checkpoint, start_run, training_state)
+                 resume_training, run_main, save_checkpoint, start_run, token_logprobs, training_state)
 from tokenizer import CHAT_TOKENS
 #> L14 import
 import peft
@@ -236,7 +235,7 @@ def loss_by_reply_token(model, examples, first=4, batch_size=16):
     device = next(model.parameters()).device
     for i in range(0, len(examples), batch_size):
         x, y = (t.to(device) for t in pad_batch(examples[i:i + batch_size]))  # (B, T) each
-        nll = F.cross_entropy(model(x)[0].float().transpose(1, 2), y.clamp(min=0), reduction="none")  # (B, T)
+        nll = -token_logprobs(model(x)[0], y)  # (B, T), 0 where y = -1
         supervised = y != -1
         before = torch.zeros_like(supervised)
         before[:, 1:] = supervised[:, :-1]

@@ -12,10 +12,12 @@ prompts = "data/sft/lost.jsonl"
 reward = "rule"
 lr = 1e-4
 prompts_per_iter = 8
-samples_per_prompt = 4
+# 8 samples a prompt: 36.5% -> 50.5% held-out with the story questions 88.0% -> 85.0%
+# (lessons.md, lesson 12); with 4, the lr and iterations here, 40.5%.
+samples_per_prompt = 8
 kl_coef = 0.05
 max_kl = 5.0
-# 2 epochs of 2 minibatches (TRL: 4 epochs): 4 updates per batch of rollouts fit the CPU budget
+# 2 epochs of 4 minibatches (TRL: 4 epochs): 8 updates per batch of 64 rollouts
 ppo_epochs = 2
 minibatch_size = 16
 max_iters = 150

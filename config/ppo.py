@@ -17,7 +17,7 @@ prompts_per_iter = 8
 samples_per_prompt = 8
 kl_coef = 0.05
 max_kl = 5.0
-# 2 epochs of 4 minibatches (TRL: 4 epochs): 8 updates per batch of 64 rollouts
+# 64 rollouts in minibatches of 16, twice over: 8 updates a batch (TRL: 4 epochs; 2 fit the CPU budget)
 ppo_epochs = 2
 minibatch_size = 16
 max_iters = 150

@@ -552,6 +552,8 @@ def report(repo, out, chosen, seeds, smoke):
     done_path = out / "stages.json"
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
     spent = guessed = 0.0
+    # A report can span sessions (and OMP_NUM_THREADS settings): each stage keeps its own count.
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
     for i, (name, lesson, cmd, minutes, seed) in enumerate(plan):
         tag = name if seed == SEEDS[0] else f"{name}_s{seed}"
         argv = cmd.format(R=out, S="" if seed == SEEDS[0] else f"_s{seed}", s=seed).split()
@@ -561,7 +563,7 @@ def report(repo, out, chosen, seeds, smoke):
         print(f"[{i + 1}/{len(plan)}] {tag}: python {' '.join(argv)}   (chain ETA {left:.0f} min)", flush=True)
         rc, took, peak = run_stage(argv, out / f"{tag}.log", chat_script(repo) if name == "chat" else None)
         done[tag] = {"lesson": lesson, "command": "python " + " ".join(argv), "minutes": round(took, 2),
-                     "peak_mib": round(peak), "ok": rc == 0}
+                     "peak_mib": round(peak), "threads": threads, "ok": rc == 0}
         done_path.write_text(json.dumps(done, indent=2))
         spent, guessed = spent + took, guessed + minutes
         if rc:
@@ -573,12 +575,11 @@ def report(repo, out, chosen, seeds, smoke):
 
 def write_report(repo, out, done):
     commit = git(repo, "rev-parse", "--short", "HEAD").decode().strip()
-    threads = os.environ.get("OMP_NUM_THREADS", f"all {os.cpu_count()}")
     lines = [f"# Report: commit {commit}, {time.strftime('%Y-%m-%d')}", "",
-             f"CPU: {cpu_name()}, {os.cpu_count()} cores, threads: {threads}. Every minute below is this machine's.", "",
-             "| stage | lesson | minutes | peak RSS (MiB) | command |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {t} | {v['lesson']:02d} | {v['minutes']:.1f} | {v['peak_mib']:,} | `{v['command']}`"
-              f"{'' if v['ok'] else ' (FAILED)'} |" for t, v in done.items()]
+             f"CPU: {cpu_name()}, {os.cpu_count()} cores. Every minute below is this machine's.", "",
+             "| stage | lesson | minutes | threads | peak RSS (MiB) | command |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {t} | {v['lesson']:02d} | {v['minutes']:.1f} | {v.get('threads', '?')} | {v['peak_mib']:,} | "
+              f"`{v['command']}`{'' if v['ok'] else ' (FAILED)'} |" for t, v in done.items()]
     for tag, v in sorted(done.items(), key=lambda kv: kv[1]["lesson"]):
         lines += ["", f"## Lesson {v['lesson']:02d}: {tag}", ""]
         if tag == "chat" or tag.startswith("bench"):  # their output is the result

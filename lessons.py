@@ -412,23 +412,24 @@ def test(repo, numbers, worktree, exercise, slow):
 # -----------------------------------------------------------------------------
 # The report: the course's chain, run on this checkout, and every number it prints
 
-# (name, lesson, command, minutes on a 2-core AVX2 EPYC in fp32: the ETA's first guess).
+# (name, lesson, command, minutes on the report machine of lessons.md: the ETA's first guess,
+# scaled by how this machine compares as stages finish; a CPU without native bf16 takes ~4x).
 # Each stage runs its own command with its default config; only the folders move under the
 # report's ({R}), so a report never overwrites the learner's out/. {S}{s}: the seed (--seeds).
 STAGES = [
-    ("pretrain", 8, "pretrain.py config/tiny.py --out_dir={R}/tiny", 21),
-    ("eval", 9, "eval.py --ckpt {R}/tiny --task ppl mc story", 1),
-    ("sft", 10, "sft.py config/sft.py --init={R}/tiny --out_dir={R}/sft{S} --seed={s}", 46),
-    ("chat", 10, "chat.py {R}/sft", 0.2),
-    ("dpo", 11, "align.py config/dpo.py --out_dir={R}/dpo --init={R}/sft", 5),
-    ("reward", 12, "align.py config/reward.py --out_dir={R}/reward --init={R}/sft", 4),
-    ("ppo", 12, "rl.py config/ppo.py --out_dir={R}/ppo{S} --init={R}/sft --seed={s}", 10),
-    ("grpo", 13, "rl.py config/grpo.py --out_dir={R}/grpo{S} --init={R}/sft --seed={s}", 10),
-    ("finetune", 14, "sft.py config/finetune.py --out_dir={R}/finetune --init={R}/sft", 12),
-    ("lora", 14, "sft.py config/lora.py --out_dir={R}/lora --init={R}/sft", 12),
-    ("qlora", 14, "sft.py config/qlora.py --out_dir={R}/qlora --init={R}/sft", 14),
-    ("bench-train", 8, "bench.py train", 3),
-    ("bench-attention", 15, "bench.py attention", 3),
+    ("pretrain", 8, "pretrain.py config/tiny.py --out_dir={R}/tiny", 4.3),
+    ("eval", 9, "eval.py --ckpt {R}/tiny --task ppl mc story", 0.3),
+    ("sft", 10, "sft.py config/sft.py --init={R}/tiny --out_dir={R}/sft{S} --seed={s}", 8.6),
+    ("chat", 10, "chat.py {R}/sft", 0.1),
+    ("dpo", 11, "align.py config/dpo.py --out_dir={R}/dpo --init={R}/sft", 4.3),
+    ("reward", 12, "align.py config/reward.py --out_dir={R}/reward --init={R}/sft", 7.4),
+    ("ppo", 12, "rl.py config/ppo.py --out_dir={R}/ppo{S} --init={R}/sft --seed={s}", 12),
+    ("grpo", 13, "rl.py config/grpo.py --out_dir={R}/grpo{S} --init={R}/sft --seed={s}", 9.5),
+    ("finetune", 14, "sft.py config/finetune.py --out_dir={R}/finetune --init={R}/sft", 4),
+    ("lora", 14, "sft.py config/lora.py --out_dir={R}/lora --init={R}/sft", 4.5),
+    ("qlora", 14, "sft.py config/qlora.py --out_dir={R}/qlora --init={R}/sft", 6),
+    ("bench-train", 8, "bench.py train", 5),
+    ("bench-attention", 15, "bench.py attention", 4.5),
 ]
 SEEDS = [1337, 1, 2, 3, 4]  # --seeds N repeats the seed-sensitive stages (SFT, PPO, GRPO) with the first N
 SMOKE = {  # --smoke: a few steps of each stage on a 300-story corpus and 24 chats a file (CI)

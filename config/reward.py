@@ -6,8 +6,8 @@ init = "out/sft"
 out_dir = "out/reward"
 # The score alone learned too slowly: 78% held-out pair accuracy after 900 steps (fp32), 88-89%
 # after 2,700, and the friend's kind stayed at chance. With an NLL term on the chosen answers
-# (GRM), this config: 91.3%, 93.7%, 89.0% with seeds 1337, 1, 2 in 2.5-3 min with 2 threads;
-# 95.3% at 2,700 steps, lr 3e-4 (lessons.md, lesson 12).
+# (GRM), this config: 87.0% from lesson 10's default model on the report machine, 7.4 min on one
+# thread; 95.0% from the 88.0% SFT model of a 2-core AVX2 EPYC (lessons.md, lesson 12).
 rm_nll_coef = 0.3
 lr = 5e-4
 batch_size = 8

@@ -554,7 +554,7 @@ def report(repo, out, chosen, seeds, smoke):
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
     spent = guessed = 0.0
     # A report can span sessions (and OMP_NUM_THREADS settings): each stage keeps its own count.
-    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
+    threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count())  # as set: it may be a list ("4,2")
     for i, (name, lesson, cmd, minutes, seed) in enumerate(plan):
         tag = name if seed == SEEDS[0] else f"{name}_s{seed}"
         argv = cmd.format(R=out, S="" if seed == SEEDS[0] else f"_s{seed}", s=seed).split()

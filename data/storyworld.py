@@ -103,19 +103,24 @@ def generate_story(rng):
         f"{when}, {hero.name} walked to {place} to play.",
         f"{when}, {hero.name} wanted to visit {place}.",
     )
+    # The place of the find is named three times (the walk, the find, the meeting), and the
+    # friend's kind also after the friend's name ("Zoe the rabbit"). The base model copies
+    # names but neither places nor colours (its loss at a repeated place is ln 16, a guess),
+    # so lesson 10's SFT must build those lookups; with one mention of the place and the kind
+    # only before the name, whether it did was decided by the data order (lessons.md, lesson 10).
     say(
         f"At {place}, {hero.they} found a {thing}.",
-        f"There, {hero.name} saw a {thing} on the ground and picked it up.",
+        f"On the ground at {place}, {hero.name} saw a {thing} and picked it up.",
         f"Under a tree at {place}, {hero.name} found a {thing}.",
     )
     s.append(f"{hero.name} felt {glad}.")
     say(
-        f"Then {hero.name} met a {friend.kind} named {friend.name}.",
-        f"Soon a {friend.kind} called {friend.name} came by.",
+        f"Then {hero.name} met a {friend.kind} named {friend.name} at {place}.",
+        f"Soon a {friend.kind} called {friend.name} came to {place}.",
     )
     say(
-        f"{friend.name} was {sad} because {friend.they} had lost {friend.their} {lost}.",
-        f"{friend.name} looked {sad}. \"I lost my {lost},\" {friend.they} said.",
+        f"{friend.name} the {friend.kind} was {sad} because {friend.they} had lost {friend.their} {lost}.",
+        f"{friend.name} the {friend.kind} looked {sad}. \"I lost my {lost},\" {friend.they} said.",
     )
     gives = rng.random() < 0.5  # the branch decides who holds the object at the end
     if gives:
@@ -172,8 +177,11 @@ def stories(seed, start, count):
 
 
 # The six questions: each with the template of its exact answer and the fact it asks for.
-# Four answers are the bare fact. Two are sentences in the story's own words, because the
-# bare answers were out of reach of lesson 10's SFT:
+# Three answers are the bare fact. Three are in the story's own words, because the bare
+# answers were out of reach of lesson 10's SFT:
+# - "the park": unspaced at a reply's start, "the" is not the story's " the" token but two
+#   rare pieces, "t" "he". In "At the park." the place follows the story's own " the", as
+#   the story says it ("At the park, she found a ...").
 # - "the drum" was 2 of 28 right. Every story has two objects, and naming the lost one
 #   takes a lookup from the friend's name to the word after "lost". "Omar lost his drum."
 #   repeats "lost his" from the story's "lost his drum" (or "lost my drum"), so the next
@@ -186,7 +194,7 @@ def stories(seed, start, count):
 #   subtle: "it", not "the ball". Copying the object from the question is one more thing
 #   to learn, and one SFT run in three did not: the right name, the wrong object.
 QUESTIONS = [
-    ("Where did {hero} find the {object}?", "{found_at}", "found_at"),
+    ("Where did {hero} find the {object}?", "At {found_at}.", "found_at"),
     ("What colour was the {object}?", "{colour}", "colour"),
     ("Who had the {object} at the end?", "At the end, it was with {owner}.", "owner"),
     ("What did {friend} lose?", "{friend} lost {friend_their} {lost}.", "lost"),

@@ -120,7 +120,7 @@ def generate_story(rng):
     )
     say(
         f"{friend.name} the {friend.kind} was {sad} because {friend.they} had lost {friend.their} {lost}.",
-        f"{friend.name} the {friend.kind} looked {sad}. \"I lost my {lost},\" {friend.they} said.",
+        f"{friend.name} the {friend.kind} looked {sad}: {friend.they} had lost {friend.their} {lost}.",
     )
     gives = rng.random() < 0.5  # the branch decides who holds the object at the end
     if gives:

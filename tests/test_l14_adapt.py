@@ -31,10 +31,8 @@ def facts_from_text(story, question):
         owner = re.search(rf"(?:In the end, (\w+) had the \w+ {m[1]}|the \w+ {m[1]} was with (\w+)\.)", text)
         return f"At the end, it was with {owner[1] or owner[2]}."
     if m := re.fullmatch(r"Which thing did (\w+) lose\?", question):
-        if said := re.search(rf"{m[1]} the \w+ was \w+ because \w+ had lost (\w+) (\w+)\.", text):
-            return f"{m[1]} lost {said[1]} {said[2]}."
-        said = re.search(rf"{m[1]} the \w+ looked \w+\. \"I lost my (\w+),\" (\w+) said", text)
-        return f"{m[1]} lost {dict(he='his', she='her')[said[2]]} {said[1]}."
+        said = re.search(rf"{m[1]} the \w+ (?:was \w+ because|looked \w+:) \w+ had lost (\w+) (\w+)\.", text)
+        return f"{m[1]} lost {said[1]} {said[2]}."
     if m := re.fullmatch(r"Which kind of animal or person was (\w+)\?", question):
         return "a " + re.search(rf"a (\w+) (?:named|called) {m[1]}\b", text).group(1)
     if m := re.fullmatch(r"Which feeling did (\w+) have after finding the (\w+)\?", question):

@@ -103,11 +103,12 @@ def generate_story(rng):
         f"{when}, {hero.name} walked to {place} to play.",
         f"{when}, {hero.name} wanted to visit {place}.",
     )
-    # The place of the find is named three times (the walk, the find, the meeting), and the
-    # friend's kind also after the friend's name ("Zoe the rabbit"). The base model copies
-    # names but neither places nor colours (its loss at a repeated place is ln 16, a guess),
-    # so lesson 10's SFT must build those lookups; with one mention of the place and the kind
-    # only before the name, whether it did was decided by the data order (lessons.md, lesson 10).
+    # The place of the find is named three times (the walk, the find, the meeting), the
+    # friend's kind also after the friend's name ("Zoe the rabbit"), and the lost thing always
+    # after "had lost her". The base model copies names but neither places nor colours (its
+    # loss at a repeated place is ln 16: a guess), so lesson 10's SFT builds those lookups
+    # itself; with the place named once and the kind only before the name, whether it built
+    # them in 2,500 steps was decided by the order of the training chats.
     say(
         f"At {place}, {hero.they} found a {thing}.",
         f"On the ground at {place}, {hero.name} saw a {thing} and picked it up.",
@@ -184,7 +185,7 @@ def stories(seed, start, count):
 #   the story says it ("At the park, she found a ...").
 # - "the drum" was 2 of 28 right. Every story has two objects, and naming the lost one
 #   takes a lookup from the friend's name to the word after "lost". "Omar lost his drum."
-#   repeats "lost his" from the story's "lost his drum" (or "lost my drum"), so the next
+#   repeats "lost his" from the story's "had lost his drum", so the next
 #   word is a copy of what followed the same words before: an induction head's job.
 #   It is still the hardest question: some SFT runs learn it, some do not.
 # - "Zoe" was 6 of 29. A reply's first word has no space before it, and the token "Zoe"

@@ -31,6 +31,9 @@ def test_facts_and_task_answers_agree_with_the_text():
     for story in storyworld.stories(1, 0, 50):
         f, text = story.facts, story.text
         assert f["found_at"] in text and f["colour"] in text and f["lost"] in text
+        # what lesson 10's lookups lean on: the place three times, the kind after the name
+        assert text.count(f["found_at"]) >= 3 and f"{f['friend']} the {f['friend_kind']}" in text
+        assert f"had lost {f['friend_their']} {f['lost']}." in text
         assert f"{f['owner']} had the" in text or f"was with {f['owner']}" in text
         assert (f"to {f['friend']}" in text or "gave it to" in text) == f["gave"]
         asks = [key for _, _, key in storyworld.QUESTIONS]

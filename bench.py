@@ -335,7 +335,7 @@ def bench_sft():
     import torch
 
     import sft
-    from model import CausalLM, ModelConfig
+    from model import CausalLM, preset
     from run import setup_precision
     from tokenizer import BPETokenizer
 
@@ -348,7 +348,7 @@ def bench_sft():
     # sft.py's reader: it drops the chats longer than the context (8% of them), as training does
     chats = sft.load_conversations(root / "sft" / "train.jsonl", tok, 256, log=lambda *a: None)[:16 * 10]
     torch.manual_seed(0)
-    model = CausalLM(ModelConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=4, n_head=4, n_embd=128))
+    model = CausalLM(preset("tiny", vocab_size=tok.vocab_size, block_size=256))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast, _, why = setup_precision(torch.device("cpu"))
     print(f"sft step, config/tiny.py's model, 16 conversations per step, CPU, 1 thread, {why}")

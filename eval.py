@@ -165,8 +165,9 @@ def story_cloze_items(kind, n=200, seed=1337, first=20000):
     kind "colour": the story up to its final mention of the object's colour, and
     four colours to complete it: right means the model recalled a word it read
     ~100 tokens earlier (copying, which small models learn late).
-    kind "pronoun": the story up to the friend's pronoun ("...because" / "I lost
-    my key,"), options " he" / " she": right means it tracked the character.
+    kind "pronoun": the story up to the friend's pronoun ("Zoe the rabbit was sad
+    because" / "... looked sad:"), options " he" / " she": right means it tracked the
+    character across its kind.
     """
     import storyworld
 
@@ -182,8 +183,8 @@ def story_cloze_items(kind, n=200, seed=1337, first=20000):
             options = rng.sample(wrong, 3) + [right]
         else:
             right = f["friend_they"]
-            cues = [f"{f['friend_feels_bad']} because", f"my {f['lost']},\""]
-            cut = max(text.find(c) + len(c) for c in cues)
+            sad = f["friend_feels_bad"]  # the story says one of the two
+            cut = next(text.index(c) + len(c) for c in (f"{sad} because", f"{sad}:") if c in text)
             options = ["he", "she"]
         rng.shuffle(options)
         items.append((text[:cut], [f" {o}" for o in options], options.index(right)))

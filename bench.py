@@ -345,7 +345,7 @@ def bench_sft():
         return
     torch.set_num_threads(1)
     tok = BPETokenizer.load(root / "storyworld" / "tokenizer.json")
-    # sft.py's reader: it drops the chats longer than the context (8% of them), as training does
+    # sft.py's reader: it drops the chats longer than the context (12% of them), as training does
     chats = sft.load_conversations(root / "sft" / "train.jsonl", tok, 256, log=lambda *a: None)[:16 * 10]
     torch.manual_seed(0)
     model = CausalLM(preset("tiny", vocab_size=tok.vocab_size, block_size=256))

@@ -603,9 +603,9 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
 # Presets: from a laptop model to Qwen3-0.6B
 
 PRESETS = {
-    # 8 heads of 16, not 4 of 32: the same parameters, and lesson 10's SFT forms the story's
-    # where / what-kind lookups on every data order tried (with 4 heads one of them failed on
-    # one seed in three). Each head can attend to one earlier fact; more heads, more at once.
+    # 8 heads of 16, not 4 of 32: the same parameters, and with them lesson 10's SFT forms the
+    # story's where and what-kind lookups on every data order tried. Each head's softmax picks
+    # its own earlier position: more heads, more facts fetched at once (lessons.md, lesson 10).
     "tiny": dict(vocab_size=2048, block_size=256, n_layer=4, n_head=8, n_embd=128),
     "small": dict(vocab_size=4096, block_size=512, n_layer=6, n_head=6, n_embd=384),
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768,

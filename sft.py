@@ -254,8 +254,8 @@ def by_question(examples, right):
     question ("Where did", "Who had"; a leading "Question: " skipped).
 
     One accuracy hides what SFT learned: each kind of story question needs its own
-    lookup in the story, and a run forms some of them and not others (lessons.md,
-    lesson 10: 43% and 84% are different sets of lookups, not a uniformly better model).
+    lookup in the story, and a run may form some of them fully and others partly (lessons.md,
+    lesson 10: the runs of its table differ only in what the friend lost).
     >>> q = lambda text: [{"role": "user", "content": text}, {"role": "assistant", "content": "x"}]
     >>> by_question([q("Question: Who had it?\\nA story."), q("Who had the cup?")], right=[])
     {'Who had': [0, 2]}

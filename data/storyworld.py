@@ -178,22 +178,19 @@ def stories(seed, start, count):
 
 
 # The six questions: each with the template of its exact answer and the fact it asks for.
-# Three answers are the bare fact. Three are in the story's own words, because the bare
-# answers were out of reach of lesson 10's SFT:
-# - "the park": unspaced at a reply's start, "the" is not the story's " the" token but two
-#   rare pieces, "t" "he". In "At the park." the place follows the story's own " the", as
-#   the story says it ("At the park, she found a ...").
-# - "the drum" was 2 of 28 right. Every story has two objects, and naming the lost one
-#   takes a lookup from the friend's name to the word after "lost". "Omar lost his drum."
-#   repeats "lost his" from the story's "had lost his drum", so the next
-#   word is a copy of what followed the same words before: an induction head's job.
-#   It is still the hardest question: some SFT runs learn it, some do not.
-# - "Zoe" was 6 of 29. A reply's first word has no space before it, and the token "Zoe"
-#   is not the token " Zoe" that the story holds. In "At the end, it was with Zoe." it is,
-#   after words the story uses (half the stories end "was with Zoe", the rest "In the end,
-#   Zoe had").
-#   subtle: "it", not "the ball". Copying the object from the question is one more thing
-#   to learn, and one SFT run in three did not: the right name, the wrong object.
+# Three answers are the bare fact; three are in the story's own words, because the base model
+# copies names but not places (lessons.md, lesson 10), and a reply's first word has no space
+# before it, so a bare answer starts with tokens the story never holds:
+# - "the park" at a reply's start is the rare pieces "t" "he"; in "At the park." the place
+#   follows the story's own " the", as the story says it ("At the park, she found a ...").
+# - "Omar lost his drum." repeats "lost his" from the story's "had lost his drum", so the
+#   next word is a copy of what followed the same words before: an induction head's job.
+#   Every story has two objects, so it is still the lookup an SFT run may only partly form.
+# - "Zoe" is not the token " Zoe" that the story holds. In "At the end, it was with Zoe." it
+#   is, after words the story uses (half the stories end "was with Zoe", the rest "In the
+#   end, Zoe had").
+#   subtle: "it", not "the ball": copying the object from the question would be one more
+#   lookup to learn.
 QUESTIONS = [
     ("Where did {hero} find the {object}?", "At {found_at}.", "found_at"),
     ("What colour was the {object}?", "{colour}", "colour"),
@@ -263,8 +260,7 @@ def question_turn(story, question):
     """The user's content for a question about a story: the question, then the story.
 
     Question first because attention only looks back: the model reads the story
-    already knowing what it will be asked. With the story first, an SFT run of 8 x 2,500 steps
-    scored 38.5% on held-out questions instead of 54% (lessons.md, lesson 10).
+    already knowing what it will be asked (lesson 10's Try puts the story first).
     >>> question_turn(Story("Tom had a cat."), "Who had a cat?")
     'Question: Who had a cat?\\nTom had a cat.'
     """
@@ -291,9 +287,8 @@ def sft_sets(seed, train_stories, val_stories):
     val_stories (its val split, never trained on by either stage) held out.
 
     train / val:  one conversation per story -- a third a single question, the rest
-                  all six questions about the same story in a random order. Six answers
-                  per story's tokens instead of 3-5 is what teaches the 0.9M model which
-                  of the two characters' kinds is the friend's (lessons.md, lesson 10).
+                  all six questions about the same story in a random order (six
+                  supervised answers for one story's tokens).
     eval_story:   one question per held-out story, no system message (exact match).
     adapt / eval_which: lesson 14's adaptation task (adapt_sets, below).
 
@@ -325,12 +320,12 @@ def sft_sets(seed, train_stories, val_stories):
 # -----------------------------------------------------------------------------
 # The task at the edge of the model's skill, for PPO and GRPO (lessons 12-13): lesson 10's
 # "What did Omar lose?", asked about every story. Of lesson 10's six lookups it is the one SFT
-# forms only halfway (each story names two objects, and the answer must be the friend's): the
-# SFT model picks the right object for about 4 questions in 10 and samples it for about 6 in
-# 10 (pass@8), so a reward has right answers to reinforce and wrong ones to push down.
+# may form only partly (each story names two objects, and the answer must be the friend's):
+# the default SFT model is right greedily on 87% of held-out questions and in some of 8
+# samples on 99% (pass@8), so a reward has wrong answers to push down where greedy errs.
 # The control is a lookup SFT never formed: "What kind of animal or person was Emma?" about
 # the hero. Lesson 10 asks it only about the friend, and the SFT model answers with the
-# friend's kind: about 1 sample in 160 is right (lesson 13 shows what GRPO makes of so few).
+# friend's kind: none of 1,600 held-out samples is right, and GRPO learns nothing (lesson 13).
 
 
 def hero_kind_question(story):

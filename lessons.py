@@ -417,17 +417,17 @@ def test(repo, numbers, worktree, exercise, slow):
 # Each stage runs its own command with its default config; only the folders move under the
 # report's ({R}), so a report never overwrites the learner's out/. {S}{s}: the seed (--seeds).
 STAGES = [
-    ("pretrain", 8, "pretrain.py config/tiny.py --out_dir={R}/tiny", 4.3),
+    ("pretrain", 8, "pretrain.py config/tiny.py --out_dir={R}/tiny", 4.7),
     ("eval", 9, "eval.py --ckpt {R}/tiny --task ppl mc story", 0.3),
-    ("sft", 10, "sft.py config/sft.py --init={R}/tiny --out_dir={R}/sft{S} --seed={s}", 8.6),
+    ("sft", 10, "sft.py config/sft.py --init={R}/tiny --out_dir={R}/sft{S} --seed={s}", 11.2),
     ("chat", 10, "chat.py {R}/sft", 0.1),
-    ("dpo", 11, "align.py config/dpo.py --out_dir={R}/dpo --init={R}/sft", 4.3),
+    ("dpo", 11, "align.py config/dpo.py --out_dir={R}/dpo --init={R}/sft", 3.6),
     ("reward", 12, "align.py config/reward.py --out_dir={R}/reward --init={R}/sft", 7.4),
-    ("ppo", 12, "rl.py config/ppo.py --out_dir={R}/ppo{S} --init={R}/sft --seed={s}", 12),
-    ("grpo", 13, "rl.py config/grpo.py --out_dir={R}/grpo{S} --init={R}/sft --seed={s}", 9.5),
-    ("finetune", 14, "sft.py config/finetune.py --out_dir={R}/finetune --init={R}/sft", 4),
-    ("lora", 14, "sft.py config/lora.py --out_dir={R}/lora --init={R}/sft", 4.5),
-    ("qlora", 14, "sft.py config/qlora.py --out_dir={R}/qlora --init={R}/sft", 6),
+    ("ppo", 12, "rl.py config/ppo.py --out_dir={R}/ppo{S} --init={R}/sft --seed={s}", 10.7),
+    ("grpo", 13, "rl.py config/grpo.py --out_dir={R}/grpo{S} --init={R}/sft --seed={s}", 8.8),
+    ("finetune", 14, "sft.py config/finetune.py --out_dir={R}/finetune --init={R}/sft", 4.7),
+    ("lora", 14, "sft.py config/lora.py --out_dir={R}/lora --init={R}/sft", 5.2),
+    ("qlora", 14, "sft.py config/qlora.py --out_dir={R}/qlora --init={R}/sft", 5.8),
     ("bench-train", 8, "bench.py train", 5),
     ("bench-attention", 15, "bench.py attention", 4.5),
 ]

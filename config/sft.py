@@ -9,14 +9,17 @@
 init = "out/tiny"
 out_dir = "out/sft"
 # 16 conversations x 2,500 steps at lr 3e-3, about stories only. Held-out story exact match on
-# the report machine (2-core Xeon with AMX, bf16 autocast): 69.0% here, 64.0% with --seed=1,
-# 98.0% with --seed=2; the place and the lost thing are the lookups a run may miss, and the log
-# prints each kind (lessons.md, lesson 10). --dtype=float32: 82.5%, 82.0%, 65.5%. 0.2 s a step
-# with 2 threads there (8.3 min).
+# the report machine (2-core Xeon with AMX, bf16 autocast, 2 threads): 98.0%; with one thread
+# 92.0%, and 95.0%, 89.5% with --seed=1, --seed=2: the lost thing is the lookup a run may only
+# partly form, and the log prints each kind (lessons.md, lesson 10). 0.26 s a step with 2
+# threads there (11.2 min).
 batch_size = 16
-pack = True  # same loss as padding (tests/test_l10_sft.py), fewer wasted positions
+# Same loss as padding (tests/test_l10_sft.py). subtle: these chats (208 tokens on average)
+# rarely fit two to a row, so here packing saves no padding and its mask costs time:
+# --pack=False steps are faster (bench.py sft; lesson 10's Try).
+pack = True
 max_iters = 2500
-lr = 3e-3  # 1.5x pretraining's peak: the place lookup formed in 8/10 runs at >= 3e-3, 2/10 at 2e-3
+lr = 3e-3  # 1.5x pretraining's peak: SFT builds lookups the base lacks (lesson 10), not a nudge
 min_lr = 3e-4
 warmup_iters = 50
 eval_interval = 250

@@ -3,7 +3,7 @@
 sft.py -- supervised fine-tuning: turn a base model into one that answers.
 
     python sft.py config/sft.py                   # from out/tiny, minutes on a CPU
-    python sft.py config/sft.py --pack=False      # one conversation per row, padded
+    python sft.py config/sft.py --pack=True       # several conversations to a row
     python sft.py config/sft.py --resume          # continue out/sft/ckpt.pt exactly
     torchrun --nproc_per_node=2 sft.py config/sft.py
 

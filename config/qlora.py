@@ -10,7 +10,6 @@ out_dir = "out/qlora"
 data = "data/sft/adapt.jsonl"
 task = "which"  # eval.py --task which: held-out stories, data/sft/eval_which.jsonl
 batch_size = 16
-pack = True
 max_iters = 600
 lora_rank = 8
 qlora = True

@@ -14,10 +14,10 @@ out_dir = "out/sft"
 # partly form, and the log prints each kind (lessons.md, lesson 10). 0.26 s a step with 2
 # threads there (11.2 min).
 batch_size = 16
-# Same loss as padding (tests/test_l10_sft.py). subtle: these chats (208 tokens on average)
-# rarely fit two to a row, so here packing saves no padding and its mask costs time:
-# --pack=False steps are faster (bench.py sft; lesson 10's Try).
-pack = True
+# One chat a row, padded: these chats (208 tokens on average) rarely fit two to a 256-token
+# row, so packing (--pack=True: the same loss, tests/test_l10_sft.py) would save no padding,
+# and its per-chat mask makes a step ~1.5x slower (bench.py sft; lesson 10's Try).
+pack = False
 max_iters = 2500
 lr = 3e-3  # 1.5x pretraining's peak: SFT builds lookups the base lacks (lesson 10), not a nudge
 min_lr = 3e-4

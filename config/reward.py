@@ -10,10 +10,10 @@ out_dir = "out/reward"
 rm_nll_coef = 0.3
 lr = 5e-4
 batch_size = 8
-max_iters = 2200
+max_iters = 1800
 # bf16 autocast where the CPU has it natively (avx512_bf16/AMX); fp32 elsewhere
 dtype = "auto"
 log_interval = 10
-eval_interval = 1100
+eval_interval = 900
 eval_pairs = 300
 #< L12

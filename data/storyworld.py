@@ -322,10 +322,11 @@ def sft_sets(seed, train_stories, val_stories):
 # "What did Omar lose?", asked about every story. Of lesson 10's six lookups it is the one SFT
 # may form only partly (each story names two objects, and the answer must be the friend's):
 # the default SFT model is right greedily on 87% of held-out questions and in some of 8
-# samples on 99% (pass@8), so a reward has wrong answers to push down where greedy errs.
+# samples on 96% (pass@8), so a reward has wrong answers to push down where greedy errs.
 # The control is a lookup SFT never formed: "What kind of animal or person was Emma?" about
 # the hero. Lesson 10 asks it only about the friend, and the SFT model answers with the
-# friend's kind: none of 1,600 held-out samples is right, and GRPO learns nothing (lesson 13).
+# friend's kind: none of 1,600 held-out samples is right, and GRPO draws no right answer for
+# 120 iterations, then learns a little, dearly (lesson 13).
 
 
 def hero_kind_question(story):
